@@ -1,0 +1,130 @@
+"""Checkpoint -> ONNX model honouring SPEC section 6, with the KeypointPartPool node and body.
+
+Steps (each a function, so tests and the CLI compose them): build the deploy model, export it
+with the dynamo exporter (the op becomes one custom node), attach the op's standard-op body,
+convert precision, stamp metadata, check, and write the file whole.
+"""
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+from keyreid import __version__
+from keyreid.contract import CLIP_FRAMES, INPUT_NAMES, NUM_KEYPOINTS, OUTPUT_NAMES
+from keyreid.errors import KeyreidError
+from keyreid.lazy import require
+
+DEFAULT_OPSET = 18
+EXPORT_EXAMPLE_CLIPS = 2
+PRECISIONS = ("fp32", "fp16", "int8")
+PROTOBUF_LIMIT = 2 ** 31 - 1
+
+
+def build_deploy_model(checkpoint, heatmap_mode: str):
+    from keyreid.export.deploy_model import DeployKeyReID
+    from keyreid.kernels.graph_op import GraphPartPool
+    from keyreid.kernels.reference import check_mode
+
+    check_mode(heatmap_mode)
+    return DeployKeyReID(checkpoint.state_dict, checkpoint.config, GraphPartPool(heatmap_mode))
+
+
+def example_inputs(num_clips: int = EXPORT_EXAMPLE_CLIPS):
+    torch = require("torch")
+    from keyreid.synthetic import realistic_keypoints, synthetic_frames
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    keypoints, crop_size = realistic_keypoints(rng, num_clips)
+    return (torch.from_numpy(synthetic_frames(rng, num_clips)), torch.from_numpy(keypoints),
+            torch.from_numpy(crop_size), torch.zeros(num_clips, dtype=torch.int64))
+
+
+def export_fp32(checkpoint, heatmap_mode: str, opset: int = DEFAULT_OPSET):
+    """The fp32 ModelProto: deploy graph + ``keyreid::KeypointPartPool`` with its function."""
+    torch = require("torch")
+    require("onnxscript")
+    from keyreid.kernels.graph_op import onnx_translation_table
+    from keyreid.kernels.onnx_function import attach_part_pool_function
+
+    model = build_deploy_model(checkpoint, heatmap_mode)
+    clips = torch.export.Dim("N", min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, example_inputs(), dynamo=True, opset_version=opset, verbose=False,
+            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={name: {0: clips} for name in INPUT_NAMES},
+            custom_translation_table=onnx_translation_table(), optimize=True)
+    proto = program.model_proto
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    return attach_part_pool_function(proto, heatmap_mode)
+
+
+def stamp_metadata(model, checkpoint, heatmap_mode: str, precision: str, opset: int) -> None:
+    """metadata_props the runtime reads back (cameras) and a user audits (provenance)."""
+    config = checkpoint.config
+    entries = {
+        "keyreid_version": __version__, "heatmap_mode": heatmap_mode, "precision": precision,
+        "opset": str(opset), "num_cameras": str(config.num_cameras),
+        "embed_dim": str(config.embed_dim), "embedding_dim": str(config.embedding_dim),
+        "clip_frames": str(CLIP_FRAMES), "num_keypoints": str(NUM_KEYPOINTS),
+        "checkpoint_sha256": checkpoint.sha256, "checkpoint_name": checkpoint.path.name,
+    }
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name, model.producer_version = "keyreid", __version__
+    model.doc_string = (f"KeyRe-ID re-identification, {precision}, heatmap mode {heatmap_mode}: "
+                        "frames/keypoints/crop_size/camera -> embedding, part_weights")
+
+
+def check_model(model) -> None:
+    onnx = require("onnx")
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.checker.check_model(model, full_check=True)
+    else:
+        raise KeyreidError("the exported model is over 2 GB; keyreid writes single-file models only")
+
+
+def write_model_atomically(model, output: Path) -> Path:
+    """Serialise to a temporary file beside ``output`` and rename: no partial model is left."""
+    onnx = require("onnx")
+    output = Path(output)
+    if output.is_dir():
+        raise KeyreidError(f"{output}: is a directory; give a file name ending in .onnx")
+    if not output.parent.exists():
+        raise KeyreidError(f"{output.parent}: output directory does not exist")
+    partial = output.with_name(f".{output.name}.partial")
+    try:
+        onnx.save_model(model, str(partial))
+        os.replace(partial, output)
+    except OSError as exc:
+        raise KeyreidError(f"{output}: cannot write the model ({exc.strerror or exc})") from exc
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return output
+
+
+def export_model(checkpoint, heatmap_mode: str = "max", precision: str = "fp32",
+                 opset: int = DEFAULT_OPSET, step: Optional[Callable[[str], None]] = None):
+    """The finished ModelProto for a loaded Checkpoint (not yet written)."""
+    from keyreid.export.precision import to_fp16, to_int8
+
+    if precision not in PRECISIONS:
+        raise KeyreidError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    step = step or (lambda message: None)
+    step(f"tracing the deploy graph (opset {opset}, heatmap mode {heatmap_mode})")
+    model = export_fp32(checkpoint, heatmap_mode, opset)
+    if precision == "fp16":
+        step("casting weights and matmuls to fp16")
+        model = to_fp16(model)
+    elif precision == "int8":
+        step("quantising matmul weights to int8 (ONNX Runtime dynamic quantisation)")
+        model = to_int8(model)
+    stamp_metadata(model, checkpoint, heatmap_mode, precision, opset)
+    step("checking the model (onnx.checker, full check)")
+    check_model(model)
+    return model

@@ -1,0 +1,122 @@
+"""Precision variants of an exported fp32 model.
+
+fp16: matmul weights are stored in fp16 and every MatMul runs on fp16 inputs, with Casts around
+it; LayerNorm, softmax, residual adds, the part-weight op and the outputs stay fp32. The types are
+in the graph, so a strongly typed TensorRT build runs fp16 matmuls without builder flags.
+
+int8: ONNX Runtime dynamic quantisation of the backbone's MatMul weights (per channel, reduced
+range for CPUs without VNNI), for CPUs. The custom node and its function body are left as they are.
+"""
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from keyreid.contract import OP_DOMAIN, OP_NAME
+from keyreid.errors import KeyreidError
+from keyreid.lazy import require
+
+
+class _Names:
+    """Fresh tensor names that collide with nothing in the graph or handed out before."""
+
+    def __init__(self, graph):
+        self.taken = {value for node in graph.node for value in list(node.input) + list(node.output)}
+        self.taken |= {init.name for init in graph.initializer}
+
+    def fresh(self, base: str) -> str:
+        candidate, index = base, 0
+        while candidate in self.taken:
+            index += 1
+            candidate = f"{base}_{index}"
+        self.taken.add(candidate)
+        return candidate
+
+
+def to_fp16(model):
+    """Rewrite every main-graph MatMul to fp16 inputs and an fp32 output (SPEC section 6 I/O kept)."""
+    require("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    names = _Names(graph)
+    initializers = {init.name: init for init in graph.initializer}
+    fp16_initializers, fp16_casts = {}, {}   # one fp16 copy per weight, one Cast per activation
+    new_nodes = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            new_nodes.append(node)
+            continue
+        inputs = []
+        for name in node.input:
+            init = initializers.get(name)
+            if init is not None and init.data_type == TensorProto.FLOAT:
+                if name not in fp16_initializers:
+                    half = numpy_helper.to_array(init).astype(np.float16)
+                    fp16_initializers[name] = numpy_helper.from_array(half, names.fresh(name + "_fp16"))
+                inputs.append(fp16_initializers[name].name)
+            else:
+                if name not in fp16_casts:
+                    fp16_casts[name] = names.fresh(name + "_to_fp16")
+                    new_nodes.append(helper.make_node("Cast", [name], [fp16_casts[name]],
+                                                      to=TensorProto.FLOAT16, name=fp16_casts[name]))
+                inputs.append(fp16_casts[name])
+        half_out = names.fresh(node.output[0] + "_fp16")
+        new_nodes.append(helper.make_node("MatMul", inputs, [half_out], name=node.name))
+        new_nodes.append(helper.make_node("Cast", [half_out], [node.output[0]], to=TensorProto.FLOAT,
+                                          name=half_out + "_to_fp32"))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [init for init in fp16_initializers.values()])
+    # Intermediate type annotations from the fp32 export no longer hold; shape inference redoes them.
+    del graph.value_info[:]
+    return model
+
+
+def backbone_matmuls(model) -> list:
+    """Names of the MatMuls inside the backbone blocks, from the exporter's module-path metadata.
+
+    They hold ~93% of the arithmetic; the CLS-only branches are small and sensitive (their
+    per-head weight stacks are 3-D, which ORT's per-channel quantiser does not take), so they
+    stay fp32.
+    """
+    names = []
+    for node in model.graph.node:
+        scope = next((entry.value for entry in node.metadata_props if entry.key == "namespace"), "")
+        if node.op_type == "MatMul" and "/blocks." in scope:
+            names.append(node.name)
+    return names
+
+
+def to_int8(model):
+    """ONNX Runtime dynamic quantisation (int8 MatMul weights, activations quantised at run time)."""
+    onnx = require("onnx")
+    quantization = require("onnxruntime.quantization")
+    functions = list(model.functions)
+    backbone = backbone_matmuls(model)
+    if not backbone:
+        raise KeyreidError("int8 quantisation found no backbone MatMul to quantise (exporter changed?)")
+    with tempfile.TemporaryDirectory() as scratch:
+        source, target = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
+        onnx.save_model(model, str(source))
+        try:
+            quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
+                                          op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                                          nodes_to_quantize=backbone,
+                                          # attention's activation x activation products stay fp32
+                                          extra_options={"MatMulConstBOnly": True})
+        except Exception as exc:  # the quantiser raises bare exceptions on graphs it cannot handle
+            raise KeyreidError(f"int8 quantisation failed: {exc}") from exc
+        quantized = onnx.load_model(str(target))
+    present = {(function.domain, function.name) for function in quantized.functions}
+    for function in functions:
+        if (function.domain, function.name) not in present:
+            quantized.functions.append(function)
+    if not any(node.domain == OP_DOMAIN and node.op_type == OP_NAME for node in quantized.graph.node):
+        raise KeyreidError("int8 quantisation dropped the KeypointPartPool node")
+    if OP_DOMAIN not in {entry.domain for entry in quantized.opset_import}:
+        quantized.opset_import.append(onnx.helper.make_opsetid(OP_DOMAIN, 1))
+    return quantized

@@ -1,0 +1,124 @@
+"""Turn a trained KeyRe-ID checkpoint into an ONNX model (SPEC section 6).
+
+    python export/to_onnx.py ckpt.pth [--output model.onnx] [--heatmap-mode max|mean|blank]
+                             [--precision fp32|fp16|int8] [--opset N] [--no-verify]
+
+The model is written to a temporary file, checked by running it in ONNX Runtime against the
+reference model (unless --no-verify), and only then renamed into place.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from keyreid.cli import Steps, quiet_third_party_logs, run_main
+from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
+from keyreid.errors import KeyreidError
+
+DESCRIPTION = """\
+Export a KeyRe-ID checkpoint (the upstream model's state_dict, or {'model': ...} /
+{'state_dict': ...}, DataParallel prefixes allowed) to one ONNX file with inputs
+frames/keypoints/crop_size/camera and outputs embedding/part_weights (batch axis dynamic).
+The graph is restructured for speed but computes what the checkpoint computes; the keypoint
+heatmap op is one keyreid::KeypointPartPool node with a standard-op body, so ONNX Runtime runs
+it as is and TensorRT can use the keyreid plugin."""
+
+EPILOG = """\
+heatmap modes (the checkpoint does not record which one it was trained with):
+  max    current upstream generator as intended: per-pixel max of Gaussians (default)
+  mean   earlier upstream generator: per-pixel mean of covering Gaussians
+  blank  what the current upstream generator actually writes: empty maps (W = -1 everywhere)
+
+verification tolerances against the reference model on sample clips:
+  fp32        embedding relative error <= 1e-4, part_weights max abs error <= 1e-5
+  fp16, int8  embedding cosine >= 0.999, part_weights max abs error <= 1e-3
+
+exit status: 0 written and verified; 1 bad input or failed verification (nothing written)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="to_onnx.py", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="trained KeyRe-ID checkpoint (.pth)")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="ONNX file to write (default: the checkpoint path with suffix .onnx)")
+    parser.add_argument("--heatmap-mode", choices=HEATMAP_MODES, default=DEFAULT_HEATMAP_MODE,
+                        help="how keypoints become part heatmaps; must match training "
+                             f"(default: {DEFAULT_HEATMAP_MODE}; see below)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                        help="fp32: exact; fp16: fp16 weights and matmuls for GPUs/TensorRT "
+                             "(LayerNorm, softmax, the op and outputs stay fp32); int8: ONNX "
+                             "Runtime dynamic quantisation for CPUs (default: fp32)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset of the standard ops (default: 18, the lowest supported)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the ONNX Runtime parity check against the reference model")
+    parser.add_argument("--verify-clips", type=int, default=3, metavar="N",
+                        help="sample clips for the parity check (default: 3)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def check_output_writable(output: Path) -> None:
+    """Fail before the slow export, not after it."""
+    if output.is_dir():
+        raise KeyreidError(f"{output}: is a directory; give a file name ending in .onnx")
+    if not output.parent.is_dir():
+        raise KeyreidError(f"{output.parent}: output directory does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise KeyreidError(f"{output.parent}: output directory is not writable")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise KeyreidError(f"{output}: exists and is not writable")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_third_party_logs()
+    from keyreid.export.checkpoint import load_checkpoint, load_reference_model
+    from keyreid.export.onnx_export import DEFAULT_OPSET, export_model, write_model_atomically
+    from keyreid.export.verify import verify_onnx
+
+    opset = args.opset or DEFAULT_OPSET
+    if opset < DEFAULT_OPSET:
+        raise KeyreidError(f"--opset {opset} is too old: the exporter needs opset {DEFAULT_OPSET} or newer")
+    if args.verify_clips < 1:
+        raise KeyreidError("--verify-clips must be at least 1")
+    output = args.output or args.checkpoint.with_suffix(".onnx")
+    if output.resolve() == args.checkpoint.resolve():
+        raise KeyreidError(f"{output}: the output would overwrite the checkpoint; choose --output")
+    check_output_writable(output)
+
+    steps = Steps(total=4 if args.no_verify else 5, quiet=args.quiet)
+    steps(f"loading checkpoint {args.checkpoint}")
+    checkpoint = load_checkpoint(args.checkpoint)
+    config = checkpoint.config
+    if not args.quiet:
+        print(f"      width {config.embed_dim}, {config.depth} blocks, {config.num_cameras} cameras, "
+              f"{config.num_identities} training identities -> {config.embedding_dim}-d embeddings",
+              file=sys.stderr)
+    model = export_model(checkpoint, args.heatmap_mode, args.precision, opset, step=steps)
+    # Verify the bytes that will be installed, then rename them into place.
+    staging = output.with_name(f".{output.stem}.partial{output.suffix or '.onnx'}")
+    try:
+        write_model_atomically(model, staging)
+        if not args.no_verify:
+            steps(f"verifying against the reference model in ONNX Runtime ({args.verify_clips} clips)")
+            report = verify_onnx(staging, load_reference_model(checkpoint), args.heatmap_mode,
+                                 args.precision, args.verify_clips)
+            steps.done()
+            print(report.table())
+            if not report.passed:
+                raise KeyreidError(f"the exported model failed verification ({'; '.join(report.failures())}); "
+                                   f"nothing was written. Re-run with --no-verify to keep it anyway")
+        os.replace(staging, output)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    steps.done()
+    size = output.stat().st_size / 2 ** 20
+    print(f"wrote {output} ({size:.1f} MiB, {args.precision}, heatmap mode {args.heatmap_mode}, opset {opset})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,14 @@
+"""keyreid: deploy KeyRe-ID video person re-identification models.
+
+Subpackages map onto the repository's folders and follow the data flow
+checkpoint -> deploy model -> ONNX -> engine -> runner -> embeddings:
+
+- ``keyreid.kernels``: the ``KeypointPartPool`` op (keypoints -> part weights) in every form.
+- ``keyreid.export``: checkpoint loading, the reference and deploy models, ONNX export.
+- ``keyreid.runtime``: engines, the batched runner and the command-line tools (no torch).
+"""
+from keyreid.errors import KeyreidError
+
+__version__ = "0.1.0"
+
+__all__ = ["KeyreidError", "__version__"]

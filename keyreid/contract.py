@@ -1,0 +1,72 @@
+"""The fixed geometry of KeyRe-ID and the I/O contract every engine honours (SPEC sections 2, 3, 6).
+
+Everything downstream of a checkpoint (export, engines, runtime) reads these names instead of
+repeating numbers, so the contract lives in one place.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+CLIP_FRAMES = 4            # T: frames per clip
+IMAGE_HEIGHT = 256
+IMAGE_WIDTH = 128
+PATCH_SIZE = 16
+PATCH_ROWS = IMAGE_HEIGHT // PATCH_SIZE   # 16
+PATCH_COLS = IMAGE_WIDTH // PATCH_SIZE    # 8
+NUM_PATCHES = PATCH_ROWS * PATCH_COLS     # 128, raster order
+NUM_TOKENS = NUM_PATCHES + 1              # [CLS] + patches
+NUM_KEYPOINTS = 17                        # COCO
+NUM_PARTS = 6                             # head, torso, left arm, right arm, left leg, right leg
+PART_NAMES = ("head", "torso", "left_arm", "right_arm", "left_leg", "right_leg")
+MAX_CLIPS_PER_TRACKLET = 41               # SPEC section 4: at most the first 41 clips are used
+MEAN_CAMERA = -1                          # camera index that selects the mean camera embedding
+
+HEATMAP_MODES = ("max", "mean", "blank")
+DEFAULT_HEATMAP_MODE = "max"
+
+OP_DOMAIN = "keyreid"
+OP_NAME = "KeypointPartPool"
+OP_PLUGIN_VERSION = "1"
+
+
+def embedding_dim(embed_dim: int = 768) -> int:
+    """Length of one clip embedding: the global feature plus six part features of T*D each."""
+    return embed_dim + NUM_PARTS * CLIP_FRAMES * embed_dim
+
+
+EMBEDDING_DIM = embedding_dim(768)        # 19200
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    shape: Tuple[object, ...]   # "N" marks the dynamic batch axis (clips)
+    meaning: str
+
+
+INPUTS = (
+    TensorSpec("frames", np.dtype(np.uint8), ("N", CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, 3),
+               "RGB frames already resized to 256x128"),
+    TensorSpec("keypoints", np.dtype(np.float32), ("N", CLIP_FRAMES, NUM_KEYPOINTS, 3),
+               "(x, y, confidence) in original-crop pixels"),
+    TensorSpec("crop_size", np.dtype(np.float32), ("N", CLIP_FRAMES, 2),
+               "original crop (width, height) per frame"),
+    TensorSpec("camera", np.dtype(np.int64), ("N",),
+               "camera index 0..C-1, or -1 for the mean camera embedding"),
+)
+
+
+def output_specs(embed_dim: int = 768) -> Tuple[TensorSpec, ...]:
+    return (
+        TensorSpec("embedding", np.dtype(np.float32), ("N", embedding_dim(embed_dim)),
+                   "concat(global, part 1..6)"),
+        TensorSpec("part_weights", np.dtype(np.float32), ("N", NUM_PATCHES, NUM_PARTS),
+                   "part weights W, raster patch order"),
+    )
+
+
+OUTPUTS = output_specs(768)
+INPUT_NAMES = tuple(spec.name for spec in INPUTS)
+OUTPUT_NAMES = tuple(spec.name for spec in OUTPUTS)

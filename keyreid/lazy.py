@@ -1,0 +1,27 @@
+"""Lazy imports of optional heavy dependencies, with a sentence naming the extra to install."""
+import importlib
+from types import ModuleType
+
+from keyreid.errors import KeyreidError
+
+# import name -> (pip extra that provides it, what it is needed for)
+_EXTRAS = {
+    "torch": ("export", "checkpoint loading and ONNX export"),
+    "onnx": ("export", "ONNX export"),
+    "onnxscript": ("export", "ONNX export"),
+    "onnxruntime": ("runtime", "running .onnx models"),
+    "cv2": ("runtime", "image decoding"),
+    "tensorrt": ("gpu", "building and running TensorRT engines"),
+    "cuda.bindings.runtime": ("gpu", "running TensorRT engines"),
+}
+
+
+def require(module_name: str) -> ModuleType:
+    """Import ``module_name`` or raise KeyreidError saying which extra provides it."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        extra, purpose = _EXTRAS.get(module_name, (None, None))
+        hint = f'pip install "keyreid[{extra}]"' if extra else f"pip install {module_name}"
+        needed = f" (needed for {purpose})" if purpose else ""
+        raise KeyreidError(f"{module_name} is not installed{needed}: {hint}") from exc

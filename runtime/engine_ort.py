@@ -1,0 +1,130 @@
+"""ONNX Runtime backend: runs an exported ``.onnx`` model on the best execution provider present.
+
+The ``KeypointPartPool`` node carries a local-function body of standard ops (SPEC section 6), so
+ONNX Runtime needs no extra library for it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from keyreid.errors import KeyreidError
+from keyreid.lazy import require
+from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
+
+# Most preferred first; only the ones onnxruntime reports as available are used.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+# ONNX Runtime type strings -> NumPy dtypes (only the ones a KeyRe-ID model could plausibly hold).
+_ORT_DTYPES = {
+    "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64, "tensor(float16)": np.float16, "tensor(float)": np.float32,
+    "tensor(double)": np.float64, "tensor(bool)": np.bool_,
+}
+
+# A provider is a name, or (name, provider options) as onnxruntime accepts it.
+Provider = Union[str, Tuple[str, dict]]
+
+
+def choose_providers(available: Sequence[str], requested: Optional[Sequence[Provider]] = None) -> list:
+    """Providers to hand to onnxruntime: ``requested`` as given (each must be available), or
+    else TensorRT, CUDA, CPU in that order, keeping those present."""
+    if requested is None:
+        chosen = [name for name in PREFERRED_PROVIDERS if name in available]
+        return chosen or list(available)
+    missing = [entry if isinstance(entry, str) else entry[0] for entry in requested]
+    missing = [name for name in missing if name not in available]
+    if missing:
+        raise KeyreidError(f"execution provider(s) {', '.join(missing)} not available in this "
+                           f"onnxruntime build (available: {', '.join(available)})")
+    return list(requested)
+
+
+def _found_tensor(node_arg) -> FoundTensor:
+    """Translate an onnxruntime NodeArg (dims are ints, or strings/None when dynamic)."""
+    dtype = _ORT_DTYPES.get(node_arg.type)
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in node_arg.shape)
+    return FoundTensor(node_arg.name, None if dtype is None else np.dtype(dtype), shape)
+
+
+class OrtEngine(Engine):
+    """An ``.onnx`` model on ONNX Runtime. ``session.run`` is thread-safe, so one engine may be
+    shared by several threads."""
+
+    def __init__(self, path: "str | Path", *, providers: Optional[Sequence[Provider]] = None,
+                 intra_op_threads: Optional[int] = None, inter_op_threads: Optional[int] = None,
+                 max_batch: Optional[int] = None, num_cameras: Optional[int] = None):
+        """
+        Args:
+            path: the ``.onnx`` file.
+            providers: execution providers in order of preference (names or (name, options));
+                default TensorRT, CUDA, CPU, whichever are available.
+            intra_op_threads: threads inside one operator; None lets onnxruntime decide.
+            inter_op_threads: threads across operators; None lets onnxruntime decide.
+            max_batch: most clips per call; None for no limit (the model's batch is dynamic).
+            num_cameras: overrides the model's ``num_cameras`` metadata.
+        """
+        super().__init__(path, num_cameras=num_cameras)
+        if max_batch is not None and max_batch < 1:
+            raise KeyreidError(f"max_batch must be at least 1, got {max_batch}")
+        self._requested_providers = None if providers is None else list(providers)
+        self._intra_op_threads = intra_op_threads
+        self._inter_op_threads = inter_op_threads
+        self._max_batch = max_batch
+        self._session = None
+        self._output_names: list = []
+
+    @property
+    def providers(self) -> list:
+        """The providers the active session really uses, most preferred first."""
+        if self._session is None:
+            raise KeyreidError(f"{self.path}: engine is not active")
+        return self._session.get_providers()
+
+    def activate_impl(self) -> EngineInfo:
+        ort = require("onnxruntime")
+        check_model_file(self.path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3          # errors only; we report problems ourselves
+        if self._intra_op_threads is not None:
+            options.intra_op_num_threads = self._intra_op_threads
+        if self._inter_op_threads is not None:
+            options.inter_op_num_threads = self._inter_op_threads
+        providers = choose_providers(ort.get_available_providers(), self._requested_providers)
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:   # onnxruntime raises its own pybind exception types
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KeyreidError(f"{self.path}: cannot be loaded as an ONNX model "
+                               f"(truncated or not a model?): {reason}") from exc
+
+        input_specs, output_specs = check_io(
+            self.path, [_found_tensor(arg) for arg in session.get_inputs()],
+            [_found_tensor(arg) for arg in session.get_outputs()])
+        num_cameras = self._metadata_num_cameras(session)
+        self._session = session
+        self._output_names = [spec.name for spec in output_specs]
+        return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras)
+
+    def _metadata_num_cameras(self, session) -> Optional[int]:
+        """The exporter writes ``num_cameras`` into metadata_props; absent means unknown."""
+        value = session.get_modelmeta().custom_metadata_map.get("num_cameras")
+        if value is None:
+            return None
+        try:
+            num_cameras = int(value)
+        except ValueError:
+            num_cameras = 0
+        if num_cameras < 1:
+            raise KeyreidError(f"{self.path}: metadata num_cameras={value!r} is not a positive integer")
+        return num_cameras
+
+    def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        arrays = self._session.run(self._output_names, feed)
+        return dict(zip(self._output_names, arrays))
+
+    def deactivate_impl(self) -> None:
+        self._session = None
+        self._output_names = []

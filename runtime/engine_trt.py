@@ -1,0 +1,246 @@
+"""TensorRT backend: runs a serialized TensorRT 10 engine (``.plan``) with cuda-python.
+
+Written against the documented TensorRT 10 Python API (tensors by name, ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``). Buffers are allocated once and grow only when a
+larger batch arrives; one stream, one synchronisation per batch; every boolean TensorRT returns
+and every CUDA error code is checked. ``tensorrt`` and ``cuda.bindings`` are imported only when
+an engine is activated, so this module imports fine on machines without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from keyreid.errors import KeyreidError
+from keyreid.lazy import require
+from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
+
+
+def _cudart():
+    return require("cuda.bindings.runtime")
+
+
+def cuda_call(result):
+    """Unpack a cuda-python ``(err, *values)`` tuple: raise on error, else return the value(s)."""
+    cudart = _cudart()
+    err, *values = result
+    if err != cudart.cudaError_t.cudaSuccess:
+        name_err, name = cudart.cudaGetErrorName(err)
+        shown = name.decode() if name_err == cudart.cudaError_t.cudaSuccess else str(err)
+        raise KeyreidError(f"CUDA error {shown}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class DeviceBuffer:
+    """GPU memory that grows only when asked for more than it holds; ``free`` is idempotent."""
+
+    def __init__(self):
+        self.ptr = 0
+        self.nbytes = 0
+
+    def reserve(self, nbytes: int) -> int:
+        """Make room for ``nbytes``; return the device pointer. Old contents are not kept."""
+        if nbytes > self.nbytes:
+            self.free()
+            self.ptr = int(cuda_call(_cudart().cudaMalloc(nbytes)))
+            self.nbytes = nbytes
+        return self.ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr, self.nbytes = self.ptr, 0, 0
+            cuda_call(_cudart().cudaFree(ptr))
+
+
+class PinnedBuffer:
+    """Page-locked host memory (fast, truly asynchronous copies), viewed as NumPy arrays."""
+
+    def __init__(self):
+        self.ptr = 0
+        self.nbytes = 0
+
+    def reserve(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            self.free()
+            self.ptr = int(cuda_call(_cudart().cudaMallocHost(nbytes)))
+            self.nbytes = nbytes
+        return self.ptr
+
+    def view(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        """An array over the start of this buffer; valid until the next ``reserve``/``free``."""
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        raw = (ctypes.c_uint8 * count).from_address(self.ptr)
+        return np.frombuffer(raw, dtype=np.uint8).view(dtype).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr, self.nbytes = self.ptr, 0, 0
+            cuda_call(_cudart().cudaFreeHost(ptr))
+
+
+class CudaStream:
+    """One CUDA stream; ``destroy`` is idempotent."""
+
+    def __init__(self):
+        self.handle = cuda_call(_cudart().cudaStreamCreate())
+
+    def synchronize(self) -> None:
+        cuda_call(_cudart().cudaStreamSynchronize(self.handle))
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            cuda_call(_cudart().cudaStreamDestroy(handle))
+
+
+def _numpy_dtype(trt, trt_dtype) -> Optional[np.dtype]:
+    try:
+        return np.dtype(trt.nptype(trt_dtype))
+    except (TypeError, KeyError):     # bf16, fp8, int4: no NumPy equivalent
+        return None
+
+
+class TrtEngine(Engine):
+    """A serialized TensorRT engine. One execution context: calls are serialised by a lock."""
+
+    def __init__(self, path: "str | Path", *, plugin_libraries: Sequence["str | Path"] = (),
+                 num_cameras: Optional[int] = None):
+        """
+        Args:
+            path: the ``.plan`` file, built for this GPU and TensorRT version.
+            plugin_libraries: shared libraries to load into the plugin registry before
+                deserializing (the ``KeypointPartPool`` plugin when the engine uses it).
+            num_cameras: number of cameras for the camera range check (a plan carries no
+                metadata); None checks only the lower bound.
+        """
+        super().__init__(path, num_cameras=num_cameras)
+        self._plugin_libraries = [Path(library) for library in plugin_libraries]
+        self._lock = threading.Lock()
+        self._runtime = self._engine = self._context = self._stream = None
+        self._input_names: list = []
+        self._output_names: list = []
+        self._min_batch = 1
+        self._dtypes: Dict[str, Optional[np.dtype]] = {}
+        self._device: Dict[str, DeviceBuffer] = {}
+        self._host: Dict[str, PinnedBuffer] = {}
+
+    def activate_impl(self) -> EngineInfo:
+        check_model_file(self.path)
+        trt = require("tensorrt")
+        _cudart()   # imported now, so a missing cuda-python is reported before any work
+        logger = trt.Logger(trt.Logger.WARNING)
+        if not trt.init_libnvinfer_plugins(logger, ""):
+            raise KeyreidError("TensorRT could not register its built-in plugins")
+        registry = trt.get_plugin_registry()
+        for library in self._plugin_libraries:
+            if not library.is_file() or registry.load_library(str(library)) is None:
+                raise KeyreidError(f"{library}: cannot load TensorRT plugin library")
+
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise KeyreidError(f"{self.path}: TensorRT cannot deserialize this engine (truncated, not an "
+                               "engine, built by another TensorRT version or GPU, or its plugin library "
+                               "was not loaded)")
+
+        names = [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
+        inputs = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
+        outputs = [name for name in names if name not in inputs]
+
+        def found(name):
+            shape = tuple(dim if dim >= 0 else None for dim in engine.get_tensor_shape(name))
+            return FoundTensor(name, _numpy_dtype(trt, engine.get_tensor_dtype(name)), shape)
+
+        input_specs, output_specs = check_io(self.path, [found(name) for name in inputs],
+                                             [found(name) for name in outputs])
+        # Profile 0 (the one a fresh context uses) bounds the batch axis of every input.
+        min_shapes, max_shapes = zip(*((engine.get_tensor_profile_shape(name, 0)[0],
+                                        engine.get_tensor_profile_shape(name, 0)[2]) for name in inputs))
+        self._min_batch = max(int(shape[0]) for shape in min_shapes)
+        max_batch = min(int(shape[0]) for shape in max_shapes)
+
+        context = engine.create_execution_context()
+        if context is None:
+            raise KeyreidError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
+        self._runtime, self._engine, self._context = runtime, engine, context
+        self._stream = CudaStream()
+        self._input_names, self._output_names = inputs, [spec.name for spec in output_specs]
+        self._dtypes = {name: _numpy_dtype(trt, engine.get_tensor_dtype(name)) for name in names}
+        self._device = {name: DeviceBuffer() for name in names}
+        self._host = {name: PinnedBuffer() for name in names}
+        return EngineInfo(input_specs, output_specs, max_batch, None)
+
+    def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        batch = len(feed["camera"])
+        if batch < self._min_batch:
+            raise KeyreidError(f"{self.path}: batch of {batch} is below the engine profile's minimum "
+                               f"of {self._min_batch}")
+        with self._lock:
+            try:
+                return self._run_batch(feed)
+            except BaseException:
+                # No copy may still use buffers the next batch frees; keep the original error.
+                with contextlib.suppress(KeyreidError):
+                    self._stream.synchronize()
+                raise
+
+    def _run_batch(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Copy in, enqueue, copy out, one synchronisation (lock held)."""
+        cudart = _cudart()
+        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        context, stream = self._context, self._stream.handle
+        for name in self._input_names:
+            array = np.ascontiguousarray(feed[name])
+            if not context.set_input_shape(name, array.shape):
+                raise KeyreidError(f"{self.path}: TensorRT rejected shape {list(array.shape)} for input '{name}'")
+            host = self._host[name]
+            host.reserve(array.nbytes)
+            host.view(array.shape, array.dtype)[...] = array
+            device_ptr = self._device[name].reserve(array.nbytes)
+            cuda_call(cudart.cudaMemcpyAsync(device_ptr, host.ptr, array.nbytes, to_device, stream))
+            if not context.set_tensor_address(name, device_ptr):
+                raise KeyreidError(f"{self.path}: TensorRT rejected the address of input '{name}'")
+
+        shapes = {}
+        for name in self._output_names:
+            shape = tuple(context.get_tensor_shape(name))
+            if any(dim < 0 for dim in shape):
+                raise KeyreidError(f"{self.path}: TensorRT could not infer the shape of output '{name}'")
+            dtype = self._dtypes[name]
+            shapes[name] = (shape, dtype)
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            self._host[name].reserve(nbytes)
+            if not context.set_tensor_address(name, self._device[name].reserve(nbytes)):
+                raise KeyreidError(f"{self.path}: TensorRT rejected the address of output '{name}'")
+
+        if not context.execute_async_v3(int(stream)):
+            raise KeyreidError(f"{self.path}: TensorRT failed to enqueue the batch")
+        for name, (shape, dtype) in shapes.items():
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            cuda_call(cudart.cudaMemcpyAsync(self._host[name].ptr, self._device[name].ptr, nbytes,
+                                             to_host, stream))
+        self._stream.synchronize()
+        # Copy out of the pinned buffers: the next batch reuses them.
+        return {name: self._host[name].view(shape, dtype).copy() for name, (shape, dtype) in shapes.items()}
+
+    def deactivate_impl(self) -> None:
+        with self._lock:
+            try:
+                if self._stream is not None:
+                    self._stream.synchronize()
+            finally:
+                for buffer in list(self._device.values()) + list(self._host.values()):
+                    buffer.free()
+                if self._stream is not None:
+                    self._stream.destroy()
+                # Context before engine before runtime: each needs the next one alive.
+                self._context = self._engine = self._runtime = self._stream = None
+                self._device, self._host = {}, {}
