@@ -106,7 +106,8 @@ class OrtEngine(Engine):
         num_cameras = self._metadata_num_cameras(session)
         self._session = session
         self._output_names = [spec.name for spec in output_specs]
-        return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras)
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras, metadata)
 
     def _metadata_num_cameras(self, session) -> Optional[int]:
         """The exporter writes ``num_cameras`` into metadata_props; absent means unknown."""

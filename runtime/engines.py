@@ -11,7 +11,7 @@ imports (onnxruntime, tensorrt, cuda-python) happen in ``activate()``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -46,6 +46,7 @@ class EngineInfo:
     output_specs: Tuple[TensorSpec, ...]
     max_batch: Optional[int]       # None: no limit
     num_cameras: Optional[int]     # None: unknown, only the lower bound -1 is checked
+    metadata: Mapping[str, str] = field(default_factory=dict)   # what the model file says about itself
 
 
 def _describe_shape(shape: Sequence[object]) -> str:
@@ -232,8 +233,7 @@ class Engine:
         if self._info is None:
             info = self.activate_impl()
             if self._num_cameras_override is not None:
-                info = EngineInfo(info.input_specs, info.output_specs, info.max_batch,
-                                  self._num_cameras_override)
+                info = replace(info, num_cameras=self._num_cameras_override)
             self._info = info
         return self
 
@@ -270,6 +270,12 @@ class Engine:
     def num_cameras(self) -> Optional[int]:
         """Number of cameras C (valid indices 0..C-1 and -1); None when the model does not say."""
         return self._active_info().num_cameras
+
+    @property
+    def metadata(self) -> Dict[str, str]:
+        """Key -> value pairs stored in the model file (ONNX metadata_props: heatmap_mode,
+        precision, checkpoint_sha256, ...); empty for backends that store none."""
+        return dict(self._active_info().metadata)
 
     @property
     def embedding_dim(self) -> int:

@@ -37,3 +37,12 @@ def reduced_model(reduced_checkpoint):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def reduced_onnx(reduced_checkpoint, tmp_path_factory):
+    """fp32 ONNX of the reduced checkpoint, heatmap mode max, made by the export CLI (~25 s)."""
+    from keyreid.export.to_onnx import main
+    output = tmp_path_factory.mktemp("onnx") / "reduced_fp32.onnx"
+    assert main([str(reduced_checkpoint), "--output", str(output), "--quiet"]) == 0
+    return output

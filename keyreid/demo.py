@@ -1,0 +1,79 @@
+"""End-to-end demo on made-up data: random checkpoint -> ONNX -> embeddings and retrieval.
+
+    python -m keyreid.demo [DIR] [--reduced]
+
+The checkpoint has random weights (no trained weights can be downloaded here), so the numbers
+mean nothing; the point is the workflow. Every step is one of the real command-line tools, run
+as a user would run it, and the command is printed first.
+"""
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_demo_tracklets(root: Path, identities: int = 4, cameras: int = 2, seed: int = 0) -> None:
+    """MARS-style tracklet folders (frames + .pose files) for ``identities`` people on two cameras."""
+    import json
+
+    import cv2
+
+    from keyreid.synthetic import realistic_keypoints, synthetic_frames
+
+    rng = np.random.default_rng(seed)
+    for split, camera in (("query", 1), ("gallery", 2)):
+        for pid in range(1, identities + 1):
+            folder = root / split / f"{pid:04d}C{camera}T0001"
+            folder.mkdir(parents=True, exist_ok=True)
+            frames = synthetic_frames(rng, 2).reshape(-1, 256, 128, 3)[: 5 + pid]
+            keypoints, _ = realistic_keypoints(rng, 2, crop_sizes=[(128, 256)])
+            for index, frame in enumerate(frames):
+                stem = f"{pid:04d}C{camera}T0001F{index + 1:03d}"
+                cv2.imwrite(str(folder / f"{stem}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+                (folder / f"{stem}.pose").write_text(json.dumps(keypoints.reshape(-1, 17, 3)[index].tolist()))
+
+
+def run(command: list) -> None:
+    shown = " ".join(shlex.quote(str(part)) for part in command[1:])
+    print(f"\n$ python {shown}", flush=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, *map(str, command[1:])], cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"demo step failed (exit {result.returncode}): python {shown}")
+    print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir", nargs="?", type=Path, default=REPO / "demo",
+                        help="folder for the demo's files (default: demo/ in the checkout)")
+    parser.add_argument("--reduced", action="store_true",
+                        help="a narrow model with the same structure: about a minute instead of several")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = workdir / ("keyreid_random_reduced.pth" if args.reduced else "keyreid_random.pth")
+    model = checkpoint.with_suffix(".onnx")
+    print("keyreid demo: random weights, synthetic people; the embeddings mean nothing.")
+    run(["python", "export/random_checkpoint.py", checkpoint] + (["--reduced"] if args.reduced else []))
+    run(["python", "export/to_onnx.py", checkpoint, "--output", model])
+    write_demo_tracklets(workdir / "tracklets")
+    print(f"\nwrote synthetic tracklets (frames + .pose files) under {workdir / 'tracklets'}")
+    run(["python", "runtime/infer.py", "--engine", model, "--tracklets", workdir / "tracklets" / "gallery",
+         "--output", workdir / "gallery_embeddings.npz"])
+    run(["python", "runtime/infer.py", "--engine", model, "--query", workdir / "tracklets" / "query",
+         "--gallery", workdir / "tracklets" / "gallery", "--report", workdir / "report.json",
+         "--ranking-png", workdir / "ranking.png"])
+    print(f"\ndemo finished: model {model}, embeddings {workdir / 'gallery_embeddings.npz'}, "
+          f"report {workdir / 'report.json'}, ranking figure {workdir / 'ranking.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Argument groups the runtime's command-line tools share (engine and runner options).
+
+``infer.py`` and ``compare.py`` both open engines the same way; the options and their parsing
+live here once, and turn into keyword arguments for ``open_engine`` and ``Runner``.
+"""
+import argparse
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from keyreid.errors import KeyreidError
+from keyreid.runtime.engines import ONNX_SUFFIXES
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+DEFAULT_QUEUE_DELAY_MS = 5.0
+DEFAULT_QUEUE_SIZE = 8
+DEFAULT_WORKERS = 4
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def parse_providers(text: str) -> List[str]:
+    """``"cuda,cpu"`` -> ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; full names pass."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one execution provider")
+    return [PROVIDER_ALIASES.get(name.lower(), name) for name in names]
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("engine options")
+    group.add_argument("--providers", type=parse_providers, metavar="LIST",
+                       help="ONNX Runtime execution providers, most preferred first, comma-separated "
+                            "(full names or cpu, cuda, tensorrt; default: TensorRT, CUDA, CPU, "
+                            "whichever this onnxruntime build has). .onnx engines only")
+    group.add_argument("--threads", type=positive_int, metavar="N",
+                       help="ONNX Runtime threads inside one operator (default: onnxruntime's "
+                            "choice, one per core). .onnx engines only")
+    group.add_argument("--max-batch", type=positive_int, metavar="N",
+                       help="most clips per engine call (default: the engine's maximum, or 16 "
+                            "for .onnx engines, which have none)")
+    group.add_argument("--num-cameras", type=positive_int, metavar="C",
+                       help="cameras the model knows, for the camera range check (default: the "
+                            "ONNX metadata; TensorRT plans carry none)")
+    group.add_argument("--plugin", type=Path, action="append", default=[], metavar="LIB",
+                       help="TensorRT plugin library to load first (repeatable). TensorRT engines only")
+    return group
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    group = parser.add_argument_group("batching options")
+    group.add_argument("--queue-delay-ms", type=non_negative_float, default=DEFAULT_QUEUE_DELAY_MS,
+                       metavar="MS",
+                       help="longest a clip waits for a fuller batch (default: %(default)g)")
+    group.add_argument("--queue-size", type=positive_int, default=DEFAULT_QUEUE_SIZE, metavar="N",
+                       help="tracklets decoded or waiting at once; bounds memory "
+                            "(default: %(default)d)")
+    group.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, metavar="N",
+                       help="threads decoding frames and poses while the engine runs "
+                            "(default: %(default)d)")
+    return group
+
+
+def engine_options(args: argparse.Namespace, engine_path: Path) -> Dict[str, object]:
+    """Keyword arguments for ``open_engine(engine_path, ...)`` from the parsed options."""
+    is_onnx = Path(engine_path).suffix.lower() in ONNX_SUFFIXES
+    options: Dict[str, object] = {}
+    if args.num_cameras is not None:
+        options["num_cameras"] = args.num_cameras
+    if is_onnx:
+        if args.plugin:
+            raise KeyreidError(f"--plugin is for TensorRT engines; {engine_path} is an ONNX model")
+        if args.providers is not None:
+            options["providers"] = args.providers
+        if args.threads is not None:
+            options["intra_op_threads"] = args.threads
+    else:
+        for flag, value in (("--providers", args.providers), ("--threads", args.threads)):
+            if value is not None:
+                raise KeyreidError(f"{flag} is for ONNX Runtime; {engine_path} is a TensorRT engine")
+        if args.plugin:
+            options["plugin_libraries"] = args.plugin
+    return options
+
+
+def runner_options(args: argparse.Namespace) -> Dict[str, object]:
+    """Keyword arguments for ``Runner(engine, ...)`` (without ``preprocess``)."""
+    return {"max_batch_size": args.max_batch, "max_queue_delay_ms": args.queue_delay_ms,
+            "max_queue_size": args.queue_size, "block_when_full": True,
+            "preprocess_workers": args.workers}
+
+
+def max_batch_or(args: argparse.Namespace, default: int) -> int:
+    value: Optional[int] = args.max_batch
+    return default if value is None else value

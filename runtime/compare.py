@@ -1,0 +1,267 @@
+"""Run two engines, or an engine and the checkpoint's reference model, on the same clips.
+
+    python runtime/compare.py --engine model_fp16.plan --engine model.onnx
+    python runtime/compare.py --engine model.onnx --checkpoint ckpt.pth [--heatmap-mode max]
+    python runtime/compare.py --engine a.onnx --engine b.onnx --tracklets DIR --clips 32
+
+Prints the comparator's per-output table (max / mean / p99 absolute error, relative error,
+cosine) and how often the two agree on the top-k retrieval order when the clips are ranked
+against each other by squared Euclidean distance.
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+
+from keyreid.cli import quiet_third_party_logs, run_main
+from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
+from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
+from keyreid.errors import KeyreidError
+from keyreid.lazy import require
+from keyreid.runtime.cli_args import add_engine_arguments, engine_options, max_batch_or, positive_int
+from keyreid.runtime.engines import Engine, check_camera, open_engine
+from keyreid.runtime.evaluation import squared_euclidean_distances
+from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
+from keyreid.runtime.poses import PoseTally
+from keyreid.runtime.tracklets import discover_tracklets
+
+DESCRIPTION = """\
+Compare an engine against a second engine or against the checkpoint's reference model
+(PyTorch, SPEC sections 2-3 written out literally) on the same clips: synthetic clips with
+realistic poses (default), or clips cut from a folder of tracklets. The first --engine is
+the one under test; the second --engine, or --checkpoint, is the reference the errors are
+measured against."""
+
+EPILOG = """\
+checks (exit 1 when one fails):
+  embedding      relative error (worst row's max |a - b| over max |b|) <= --tolerance-rel,
+                 and cosine >= --tolerance-cosine when given
+  part_weights   max absolute error <= --part-weights-abs
+  retrieval      with --min-agreement F: at least a fraction F of the clips has the same
+                 top-k neighbours in the same order under both (default: only reported)
+Pass "none" to a tolerance to skip that check. fp32 engines meet the defaults; for fp16 or
+int8 engines use e.g. --tolerance-rel none --tolerance-cosine 0.999 --part-weights-abs 1e-3.
+
+--checkpoint needs PyTorch (pip install "keyreid[export]"); the heatmap mode defaults to the
+one recorded in the engine's metadata (ONNX), else max.
+
+exit status: 0 within tolerance; 1 outside it, or bad input; 2 wrong usage; 130 interrupted."""
+
+DEFAULT_CLIPS = 16
+DEFAULT_BATCH = 8
+DEFAULT_TOP_K = 5
+
+
+def optional_float(text: str) -> Optional[float]:
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compare.py", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", type=Path, action="append", required=True, metavar="FILE",
+                        help="engine under test; give it twice to compare two engines "
+                             "(.onnx, .plan/.engine/.trt)")
+    parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
+                        help="compare against the reference model of this checkpoint instead")
+    parser.add_argument("--heatmap-mode", choices=HEATMAP_MODES,
+                        help="heatmap mode of the reference model (default: the engine's metadata, "
+                             f"else {DEFAULT_HEATMAP_MODE})")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--tracklets", type=Path, metavar="DIR",
+                        help="take clips from this folder of tracklet folders (the layout infer.py "
+                             "reads) instead of synthetic ones")
+    inputs.add_argument("--clips", type=positive_int, metavar="N",
+                        help=f"synthetic clips to make, or the most clips taken from --tracklets "
+                             f"(default: {DEFAULT_CLIPS} synthetic; all clips of the tracklets)")
+    inputs.add_argument("--camera", type=int, default=0, metavar="N",
+                        help="camera of --tracklets tracklets without one (default: %(default)s)")
+    inputs.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips (default: 0)")
+    checks = parser.add_argument_group("tolerances")
+    checks.add_argument("--tolerance-rel", type=optional_float, default=1e-4, metavar="X",
+                        help="largest embedding relative error (default: %(default)g)")
+    checks.add_argument("--tolerance-cosine", type=optional_float, default=None, metavar="C",
+                        help="smallest embedding cosine similarity (default: not checked)")
+    checks.add_argument("--part-weights-abs", type=optional_float, default=1e-5, metavar="X",
+                        help="largest part_weights absolute error (default: %(default)g)")
+    checks.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, metavar="K",
+                        help="neighbours compared in the retrieval check (default: %(default)s)")
+    checks.add_argument("--min-agreement", type=float, default=None, metavar="F",
+                        help="fail when fewer than this fraction of clips keep their top-k order "
+                             "(default: report only)")
+    add_engine_arguments(parser)
+    return parser
+
+
+@dataclass(frozen=True)
+class RetrievalAgreement:
+    top_k: int
+    agreeing: int         # clips whose top-k neighbour lists are identical, in order
+    clips: int
+    mean_overlap: float   # neighbours the two top-k lists share, on average
+
+    @property
+    def fraction(self) -> float:
+        return self.agreeing / self.clips if self.clips else 1.0
+
+    def summary(self) -> str:
+        return (f"top-{self.top_k} retrieval order: {self.agreeing}/{self.clips} clips agree "
+                f"({self.fraction:.1%}), on average {self.mean_overlap:.2f} of {self.top_k} neighbours shared")
+
+
+def top_k_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """[N, k] indices of each clip's k nearest other clips, nearest first (stable on ties)."""
+    distances = squared_euclidean_distances(embeddings, embeddings).astype(np.float64)
+    np.fill_diagonal(distances, np.inf)
+    return np.argsort(distances, axis=1, kind="stable")[:, :k]
+
+
+def retrieval_agreement(actual: np.ndarray, expected: np.ndarray, top_k: int) -> Optional[RetrievalAgreement]:
+    """How often ranking the clips against each other gives the same top-k; None below 2 clips."""
+    clips = len(expected)
+    k = min(top_k, clips - 1)
+    if k < 1:
+        return None
+    mine, theirs = top_k_neighbours(actual, k), top_k_neighbours(expected, k)
+    agreeing = int(np.all(mine == theirs, axis=1).sum())
+    overlap = float(np.mean([len(set(a) & set(b)) for a, b in zip(mine.tolist(), theirs.tolist())]))
+    return RetrievalAgreement(k, agreeing, clips, overlap)
+
+
+def synthetic_clips(num_clips: int, num_cameras: Optional[int], seed: int) -> Dict[str, np.ndarray]:
+    """Realistic poses on crops of several sizes, synthetic frames, cameras cycling from -1."""
+    from keyreid.synthetic import realistic_keypoints, synthetic_frames
+
+    rng = np.random.default_rng(seed)
+    keypoints, crop_size = realistic_keypoints(rng, num_clips)
+    cycle = (num_cameras or 1) + 1
+    camera = (np.arange(num_clips) % cycle + MEAN_CAMERA).astype(np.int64)
+    return {"frames": synthetic_frames(rng, num_clips), "keypoints": keypoints,
+            "crop_size": crop_size, "camera": camera}
+
+
+def tracklet_clips(root: Path, limit: Optional[int], default_camera: int) -> Dict[str, np.ndarray]:
+    scan = discover_tracklets(root, default_camera=default_camera)
+    tally = PoseTally()
+    clips = load_tracklet_clips(scan.tracklets, tally, limit)
+    if tally.without_pose:
+        print(tally.summary(), file=sys.stderr)
+    return stack_clips(clips)
+
+
+def run_in_batches(infer: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]],
+                   feed: Dict[str, np.ndarray], batch: int) -> Dict[str, np.ndarray]:
+    """``infer`` on consecutive slices of ``feed``; outputs concatenated."""
+    total = len(feed["camera"])
+    parts = [infer({name: value[start:start + batch] for name, value in feed.items()})
+             for start in range(0, total, batch)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in ("embedding", "part_weights")}
+
+
+def reference_runner(checkpoint: Path, heatmap_mode: str) -> Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]:
+    """The checkpoint's reference model; needs torch (the ``export`` extra)."""
+    try:
+        require("torch")
+    except KeyreidError as exc:
+        raise KeyreidError(f"--checkpoint runs the PyTorch reference model: {exc}") from exc
+    quiet_third_party_logs()
+    from keyreid.export.checkpoint import load_reference_model
+    from keyreid.export.verify import reference_results
+
+    model = load_reference_model(checkpoint)
+    return lambda feed: reference_results(model, feed, heatmap_mode)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if len(args.engine) > 2:
+        parser.error("give --engine at most twice")
+    if len(args.engine) == 2 and args.checkpoint is not None:
+        parser.error("compare against a second --engine or a --checkpoint, not both")
+    if len(args.engine) == 1 and args.checkpoint is None:
+        parser.error("give a second --engine or a --checkpoint to compare against")
+    if args.heatmap_mode is not None and args.checkpoint is None:
+        parser.error("--heatmap-mode applies to --checkpoint only")
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        parser.error("--min-agreement is a fraction between 0 and 1")
+    if args.camera != 0 and args.tracklets is None:
+        parser.error("--camera applies to --tracklets only")
+
+
+def compare(actual: Dict[str, np.ndarray], expected: Dict[str, np.ndarray],
+            args: argparse.Namespace) -> ComparisonReport:
+    tolerances = {"embedding": Tolerance(max_rel=args.tolerance_rel, min_cosine=args.tolerance_cosine),
+                  "part_weights": Tolerance(max_abs=args.part_weights_abs)}
+    try:
+        return compare_outputs(actual, expected, tolerances)
+    except ValueError as exc:
+        raise KeyreidError(f"the outputs cannot be compared: {exc}") from exc
+
+
+def describe_engine(engine: Engine) -> str:
+    metadata = engine.metadata
+    details = [f"{engine.embedding_dim}-d"]
+    details += [f"{key} {metadata[key]}" for key in ("precision", "heatmap_mode") if key in metadata]
+    return f"{engine.path} ({', '.join(details)})"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    batch = max_batch_or(args, DEFAULT_BATCH)
+
+    with open_engine(args.engine[0], **engine_options(args, args.engine[0])) as engine:
+        if args.tracklets is not None:
+            reason = check_camera(args.camera, engine.num_cameras)
+            if reason:
+                raise KeyreidError(f"--camera: {reason}")
+            feed = tracklet_clips(args.tracklets, args.clips, args.camera)
+            source = f"{len(feed['camera'])} clips from {args.tracklets}"
+        else:
+            feed = synthetic_clips(args.clips or DEFAULT_CLIPS, engine.num_cameras, args.seed)
+            source = f"{len(feed['camera'])} synthetic clips (seed {args.seed})"
+        print(f"under test: {describe_engine(engine)}")
+        actual = run_in_batches(engine.infer, feed, batch)
+        if args.checkpoint is not None:
+            heatmap_mode = args.heatmap_mode or engine.metadata.get("heatmap_mode", DEFAULT_HEATMAP_MODE)
+            if heatmap_mode not in HEATMAP_MODES:
+                raise KeyreidError(f"{args.engine[0]}: metadata heatmap_mode={heatmap_mode!r} is not one "
+                                   f"of {', '.join(HEATMAP_MODES)}; give --heatmap-mode")
+
+    if args.checkpoint is not None:
+        print(f"reference:  checkpoint {args.checkpoint} (PyTorch reference model, heatmap mode {heatmap_mode})")
+        expected = run_in_batches(reference_runner(args.checkpoint, heatmap_mode), feed, batch)
+    else:
+        with open_engine(args.engine[1], **engine_options(args, args.engine[1])) as reference:
+            print(f"reference:  {describe_engine(reference)}")
+            expected = run_in_batches(reference.infer, feed, batch)
+    print(f"inputs:     {source}, batches of {batch}")
+
+    report = compare(actual, expected, args)
+    print(report.table())
+    agreement = retrieval_agreement(actual["embedding"], expected["embedding"], args.top_k)
+    failures = report.failures()
+    if agreement is None:
+        print("retrieval order: not checked (needs at least 2 clips)")
+    else:
+        print(agreement.summary())
+        if args.min_agreement is not None and agreement.fraction < args.min_agreement:
+            failures.append(f"retrieval: {agreement.fraction:.1%} of clips keep their top-{agreement.top_k} "
+                            f"order, below {args.min_agreement:.1%}")
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        return 1
+    print("PASS")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,255 @@
+"""Tracklets through a Runner (SPEC section 4): clip requests, decoding on the pool, features.
+
+A tracklet becomes the clips of ``split_into_clips``; each clip request holds only file paths and
+the camera, and ``clip_loader`` decodes it (frames via ``images.load_frame``, keypoints via
+``poses.load_pose``) on the runner's preprocessing threads, so decoding overlaps inference.
+``run_tracklets`` submits every tracklet, collects the futures in input order and turns each
+failed one into a ``TrackletFailure``: one corrupt frame fails its own tracklet and nothing else.
+A missing or bad pose file is not a failure; it reads as "no joint visible" and is counted in the
+run's ``PoseTally``.
+
+``evaluate_query_gallery`` then ranks the gallery for every query with the MARS protocol.
+"""
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+
+import numpy as np
+
+from keyreid.errors import KeyreidError
+from keyreid.runtime.engines import check_camera
+from keyreid.runtime.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
+from keyreid.runtime.images import load_frame
+from keyreid.runtime.poses import PoseTally, load_pose
+from keyreid.runtime.runner import Preprocess, Runner
+from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet, TrackletFailure, num_clips, split_into_clips
+
+
+def clip_requests(tracklet: Tracklet) -> List[Dict[str, Any]]:
+    """The tracklet's clips as undecoded requests: ``frames`` and ``poses`` are 4 file paths each
+    (the last clip cycles its own frames), ``camera`` the tracklet's camera."""
+    return [{"frames": [tracklet.frame_paths[index] for index in group],
+             "poses": [tracklet.pose_paths[index] for index in group],
+             "camera": tracklet.camera}
+            for group in split_into_clips(tracklet.num_frames)]
+
+
+def clip_loader(pose_tally: Optional[PoseTally] = None) -> Preprocess:
+    """The runner's ``preprocess`` hook for ``clip_requests``: decode frames, read poses.
+
+    A frame repeated inside a clip (a short tracklet's cycled frames) is decoded and counted
+    once. A frame that cannot be decoded raises (failing its tracklet); a pose file that is
+    missing or bad gives zeros and is recorded in ``pose_tally``.
+    """
+    def load(clip: Dict[str, Any]) -> Dict[str, Any]:
+        decoded: Dict[Path, Tuple[np.ndarray, Tuple[int, int]]] = {}
+        keypoints: Dict[Path, np.ndarray] = {}
+        for frame_path, pose_path in zip(clip["frames"], clip["poses"]):
+            if frame_path not in decoded:
+                decoded[frame_path] = load_frame(frame_path)
+                keypoints[frame_path] = load_pose(pose_path, pose_tally)
+        frames = [decoded[path] for path in clip["frames"]]
+        return {"frames": np.stack([frame for frame, _ in frames]),
+                "keypoints": np.stack([keypoints[path] for path in clip["frames"]]),
+                "crop_size": np.array([size for _, size in frames], dtype=np.float32),
+                "camera": clip["camera"]}
+    return load
+
+
+def stack_clips(clips: Sequence[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+    """Decoded clips (``clip_loader`` results) -> one engine feed, laid out as SPEC section 6."""
+    if not clips:
+        raise KeyreidError("no clips to stack into a batch")
+    return {"frames": np.stack([clip["frames"] for clip in clips]),
+            "keypoints": np.stack([clip["keypoints"] for clip in clips]).astype(np.float32, copy=False),
+            "crop_size": np.stack([clip["crop_size"] for clip in clips]).astype(np.float32, copy=False),
+            "camera": np.array([clip["camera"] for clip in clips], dtype=np.int64)}
+
+
+def load_tracklet_clips(tracklets: Sequence[Tracklet], pose_tally: Optional[PoseTally] = None,
+                        limit: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Decoded clips of ``tracklets`` in order, on this thread, at most ``limit`` of them
+    (for tools that need the clips themselves rather than tracklet features)."""
+    load = clip_loader(pose_tally)
+    clips: List[Dict[str, Any]] = []
+    for tracklet in tracklets:
+        for request in clip_requests(tracklet):
+            if limit is not None and len(clips) >= limit:
+                return clips
+            clips.append(load(request))
+    return clips
+
+
+class Progress:
+    """A line on ``stream`` at most every ``interval_s`` seconds: tracklets, clips, clips/s, ETA.
+
+    ``done`` is called from the runner's threads (future callbacks), so it takes a lock.
+    """
+
+    def __init__(self, total_tracklets: int, total_clips: int, interval_s: float = 1.0,
+                 stream: Optional[TextIO] = None, enabled: bool = True):
+        self.total_tracklets, self.total_clips = total_tracklets, total_clips
+        self.interval_s, self.enabled = interval_s, enabled
+        self.stream = stream
+        self.tracklets = self.clips = self.failed = 0
+        self.started = time.perf_counter()
+        self._last_print = self.started
+        self._lock = threading.Lock()
+
+    def done(self, clips: int, failed: bool) -> None:
+        with self._lock:
+            self.tracklets += 1
+            self.clips += clips
+            self.failed += int(failed)
+            now = time.perf_counter()
+            if self.enabled and now - self._last_print >= self.interval_s:
+                self._last_print = now
+                print(self.line(now), file=self.stream or sys.stderr, flush=True)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def line(self, now: Optional[float] = None) -> str:
+        elapsed = (now or time.perf_counter()) - self.started
+        rate = self.clips / elapsed if elapsed > 0 else 0.0
+        remaining = self.total_clips - self.clips
+        eta = f", about {remaining / rate:.0f} s left" if rate > 0 and remaining > 0 else ""
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        return (f"      {self.tracklets}/{self.total_tracklets} tracklets{failed}, "
+                f"{self.clips}/{self.total_clips} clips, {rate:.1f} clips/s{eta}")
+
+
+@dataclass
+class TrackletRun:
+    """What ``run_tracklets`` produced, in input order."""
+    tracklets: List[Tracklet]           # every tracklet submitted, in input order
+    indices: np.ndarray                 # [M] positions in ``tracklets`` that produced a feature
+    features: np.ndarray                # [M, E] float32, the tracklet features (mean of clips)
+    failures: List[TrackletFailure] = field(default_factory=list)
+    pose_tally: PoseTally = field(default_factory=PoseTally)
+    num_clips: int = 0                  # clips of the tracklets that succeeded
+    seconds: float = 0.0
+
+    @property
+    def succeeded(self) -> List[Tracklet]:
+        return [self.tracklets[index] for index in self.indices]
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.num_clips / self.seconds if self.seconds > 0 else 0.0
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        """The arrays of the ``--output`` npz: embeddings, tracklets, pids, cameras."""
+        succeeded = self.succeeded
+        return {"embeddings": self.features,
+                "tracklets": np.array([tracklet.name for tracklet in succeeded], dtype=str),
+                "pids": np.array([tracklet.pid for tracklet in succeeded], dtype=np.int64),
+                "cameras": np.array([tracklet.camera for tracklet in succeeded], dtype=np.int64)}
+
+
+def describe_failure(exception: BaseException) -> str:
+    """One line for a failed tracklet: the KeyreidError sentence, else the exception type too."""
+    text = str(exception).strip().splitlines()[0] if str(exception).strip() else ""
+    if isinstance(exception, KeyreidError):
+        return text or type(exception).__name__
+    return f"{type(exception).__name__}: {text}" if text else type(exception).__name__
+
+
+def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: PoseTally,
+                  progress: Optional[Progress] = None) -> TrackletRun:
+    """Submit every tracklet to ``runner`` and gather features and failures, in input order.
+
+    The runner must have been built with ``preprocess=clip_loader(pose_tally)``. Tracklets whose
+    camera the engine does not know fail here, before any frame is decoded. ``submit_tracklet``
+    blocks while the runner's queue is full, which bounds the decoded frames held in memory.
+    """
+    tracklets = list(tracklets)
+    started = time.perf_counter()
+    failures: Dict[int, TrackletFailure] = {}
+    futures = []
+    for position, tracklet in enumerate(tracklets):
+        reason = check_camera(tracklet.camera, runner.engine.num_cameras)
+        if reason:
+            failures[position] = TrackletFailure(tracklet.name, reason)
+            if progress is not None:
+                progress.done(0, failed=True)
+            continue
+        clips = clip_requests(tracklet)
+        future = runner.submit_tracklet(clips)
+        if progress is not None:
+            future.add_done_callback(
+                lambda done, count=len(clips): progress.done(count if done.exception() is None else 0,
+                                                             failed=done.exception() is not None))
+        futures.append((position, len(clips), future))
+
+    indices, features, clips_done = [], [], 0
+    for position, count, future in futures:
+        exception = future.exception()
+        if exception is not None:
+            failures[position] = TrackletFailure(tracklets[position].name, describe_failure(exception))
+            continue
+        indices.append(position)
+        features.append(future.result())
+        clips_done += count
+
+    width = features[0].shape[0] if features else runner.engine.embedding_dim
+    return TrackletRun(
+        tracklets=tracklets,
+        indices=np.array(indices, dtype=np.int64),
+        features=np.stack(features) if features else np.zeros((0, width), np.float32),
+        failures=[failures[position] for position in sorted(failures)],
+        pose_tally=pose_tally,
+        num_clips=clips_done,
+        seconds=time.perf_counter() - started)
+
+
+def total_clips(tracklets: Sequence[Tracklet]) -> int:
+    return sum(num_clips(tracklet.num_frames) for tracklet in tracklets)
+
+
+@dataclass
+class QueryGalleryResult:
+    ranking: RankingResult
+    distances: np.ndarray               # [queries, gallery] squared Euclidean
+    query: List[Tracklet]               # the queries that were ranked (known identity)
+    gallery: List[Tracklet]
+    unlabelled_queries: List[str]       # queries without an identity, left out
+
+
+def evaluate_query_gallery(query: Sequence[Tracklet], query_features: np.ndarray,
+                           gallery: Sequence[Tracklet], gallery_features: np.ndarray) -> QueryGalleryResult:
+    """CMC and mAP with the MARS protocol (SPEC section 4) on tracklet features.
+
+    Queries with an unknown identity (pid -1) cannot be scored and are left out (and listed);
+    gallery entries with an unknown identity stay, as distractors that never match.
+    """
+    if len(query) != len(query_features) or len(gallery) != len(gallery_features):
+        raise KeyreidError("each query and gallery tracklet needs exactly one feature")
+    labelled = [index for index, tracklet in enumerate(query) if tracklet.pid != UNKNOWN_PID]
+    unlabelled = [tracklet.name for tracklet in query if tracklet.pid == UNKNOWN_PID]
+    if not labelled:
+        raise KeyreidError("no query tracklet has a known identity: give identities in manifest.csv "
+                           "(tracklet,pid,camera) or use MARS-style frame names")
+    if not gallery:
+        raise KeyreidError("the gallery is empty: no gallery tracklet produced a feature")
+    query = [query[index] for index in labelled]
+    distances = squared_euclidean_distances(np.asarray(query_features)[labelled], gallery_features)
+    ranking = evaluate_rankings(distances,
+                                [tracklet.pid for tracklet in query], [tracklet.pid for tracklet in gallery],
+                                [tracklet.camera for tracklet in query],
+                                [tracklet.camera for tracklet in gallery])
+    return QueryGalleryResult(ranking, distances, query, list(gallery), unlabelled)
+
+
+def valid_gallery_order(distances_row: np.ndarray, query: Tracklet, gallery: Sequence[Tracklet]) -> np.ndarray:
+    """Gallery indices for one query, nearest first, without same-identity same-camera entries
+    (what the protocol ranks)."""
+    order = np.argsort(distances_row, kind="stable")
+    keep = [index for index in order
+            if not (gallery[index].pid == query.pid and gallery[index].camera == query.camera)]
+    return np.array(keep, dtype=np.int64)
+

@@ -1,0 +1,133 @@
+"""A picture of the ranking: one row per query, its first frame then its top-k gallery tracklets.
+
+Gallery thumbnails get a green border when the identity matches the query's and a red one when
+it does not; same-identity same-camera entries are left out, as the evaluation leaves them out.
+Drawn with OpenCV (a runtime dependency) at a fixed layout, so the figure's size depends only on
+the number of rows: ``figure_size(rows)``.
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from keyreid.errors import KeyreidError
+from keyreid.lazy import require
+from keyreid.runtime.images import decode_frame
+from keyreid.runtime.pipeline import QueryGalleryResult, valid_gallery_order
+from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet
+
+THUMB_WIDTH, THUMB_HEIGHT = 64, 128     # half the model's 128x256
+BORDER = 4
+LABEL_HEIGHT = 16                       # text line above each thumbnail
+GAP = 6                                 # between cells and between rows
+QUERY_GAP = 24                          # between the query and its gallery
+MARGIN = 10
+TOP_K = 10
+DEFAULT_QUERIES = 5
+
+# RGB
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+QUERY_BORDER = (70, 110, 220)
+MATCH_BORDER = (0, 180, 0)
+MISMATCH_BORDER = (220, 0, 0)
+PLACEHOLDER = (190, 190, 190)
+
+CELL_WIDTH = THUMB_WIDTH + 2 * BORDER
+CELL_HEIGHT = LABEL_HEIGHT + THUMB_HEIGHT + 2 * BORDER
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    image: Optional[np.ndarray]     # RGB uint8 at any size; None draws a placeholder
+    label: str
+    border: Tuple[int, int, int]
+
+
+def figure_size(rows: int, top_k: int = TOP_K) -> Tuple[int, int]:
+    """(width, height) in pixels of a figure with ``rows`` queries and ``top_k`` gallery columns."""
+    width = 2 * MARGIN + (1 + top_k) * CELL_WIDTH + (top_k - 1) * GAP + QUERY_GAP
+    height = 2 * MARGIN + rows * CELL_HEIGHT + (rows - 1) * GAP
+    return width, height
+
+
+def cell_origin(row: int, column: int) -> Tuple[int, int]:
+    """(x, y) of the top-left corner of a thumbnail's border; column 0 is the query."""
+    x = MARGIN + column * CELL_WIDTH + (column - 1) * GAP + QUERY_GAP if column else MARGIN
+    y = MARGIN + row * (CELL_HEIGHT + GAP) + LABEL_HEIGHT
+    return x, y
+
+
+def _draw_cell(canvas: np.ndarray, row: int, column: int, thumbnail: Thumbnail) -> None:
+    cv2 = require("cv2")
+    x, y = cell_origin(row, column)
+    canvas[y:y + THUMB_HEIGHT + 2 * BORDER, x:x + CELL_WIDTH] = thumbnail.border
+    inner = canvas[y + BORDER:y + BORDER + THUMB_HEIGHT, x + BORDER:x + BORDER + THUMB_WIDTH]
+    if thumbnail.image is None:
+        inner[:] = PLACEHOLDER
+        left, top = x + BORDER, y + BORDER          # a cross: drawn on the canvas, not on a view
+        right, bottom = left + THUMB_WIDTH - 1, top + THUMB_HEIGHT - 1
+        cv2.line(canvas, (left, top), (right, bottom), TEXT, 1)
+        cv2.line(canvas, (right, top), (left, bottom), TEXT, 1)
+    else:
+        inner[:] = cv2.resize(thumbnail.image, (THUMB_WIDTH, THUMB_HEIGHT), interpolation=cv2.INTER_AREA)
+    cv2.putText(canvas, thumbnail.label[:12], (x, y - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1,
+                cv2.LINE_AA)
+
+
+def draw_rows(rows: Sequence[Tuple[Thumbnail, Sequence[Thumbnail]]], top_k: int = TOP_K) -> np.ndarray:
+    """RGB uint8 figure: per row a query thumbnail and up to ``top_k`` gallery thumbnails."""
+    if not rows:
+        raise KeyreidError("a ranking figure needs at least one query")
+    width, height = figure_size(len(rows), top_k)
+    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    canvas[:] = BACKGROUND
+    for row, (query, gallery) in enumerate(rows):
+        _draw_cell(canvas, row, 0, query)
+        for rank, thumbnail in enumerate(gallery[:top_k], start=1):
+            _draw_cell(canvas, row, rank, thumbnail)
+    return canvas
+
+
+def first_frame_or_none(tracklet: Tracklet) -> Optional[np.ndarray]:
+    """The tracklet's first frame, or None when it cannot be decoded (drawn as a placeholder)."""
+    try:
+        return decode_frame(tracklet.frame_paths[0])
+    except KeyreidError:
+        return None
+
+
+def _pid_text(pid: int) -> str:
+    return "?" if pid == UNKNOWN_PID else str(pid)
+
+
+def chosen_queries(num_queries: int, wanted: int) -> List[int]:
+    """``wanted`` query positions spread evenly over the ``num_queries`` (first and last included)."""
+    if num_queries < 1 or wanted < 1:
+        return []
+    return sorted(set(np.linspace(0, num_queries - 1, min(wanted, num_queries)).round().astype(int).tolist()))
+
+
+def ranking_figure(result: QueryGalleryResult, num_queries: int = DEFAULT_QUERIES, top_k: int = TOP_K,
+                   first_frame: Callable[[Tracklet], Optional[np.ndarray]] = first_frame_or_none) -> np.ndarray:
+    """RGB uint8 figure of the top-``top_k`` gallery tracklets of a few queries of ``result``."""
+    rows = []
+    for position in chosen_queries(len(result.query), num_queries):
+        query = result.query[position]
+        order = valid_gallery_order(result.distances[position], query, result.gallery)[:top_k]
+        gallery = [Thumbnail(first_frame(result.gallery[index]),
+                             f"{rank} id {_pid_text(result.gallery[index].pid)}",
+                             MATCH_BORDER if result.gallery[index].pid == query.pid else MISMATCH_BORDER)
+                   for rank, index in enumerate(order, start=1)]
+        rows.append((Thumbnail(first_frame(query), f"q id {_pid_text(query.pid)} c{query.camera}",
+                               QUERY_BORDER), gallery))
+    return draw_rows(rows, top_k)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 image."""
+    cv2 = require("cv2")
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise KeyreidError("OpenCV could not encode the ranking figure as PNG")
+    return encoded.tobytes()
