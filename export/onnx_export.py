@@ -4,14 +4,16 @@ Steps (each a function, so tests and the CLI compose them): build the deploy mod
 with the dynamo exporter (the op becomes one custom node), attach the op's standard-op body,
 convert precision, stamp metadata, check, and write the file whole.
 """
-import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from keyreid import __version__
 from keyreid.contract import CLIP_FRAMES, INPUT_NAMES, NUM_KEYPOINTS, OUTPUT_NAMES
 from keyreid.errors import KeyreidError
+from keyreid.files import check_writable, write_bytes
 from keyreid.lazy import require
 
 DEFAULT_OPSET = 18
@@ -32,7 +34,6 @@ def build_deploy_model(checkpoint, heatmap_mode: str):
 def example_inputs(num_clips: int = EXPORT_EXAMPLE_CLIPS):
     torch = require("torch")
     from keyreid.synthetic import realistic_keypoints, synthetic_frames
-    import numpy as np
 
     rng = np.random.default_rng(0)
     keypoints, crop_size = realistic_keypoints(rng, num_clips)
@@ -89,23 +90,8 @@ def check_model(model) -> None:
 
 
 def write_model_atomically(model, output: Path) -> Path:
-    """Serialise to a temporary file beside ``output`` and rename: no partial model is left."""
-    onnx = require("onnx")
-    output = Path(output)
-    if output.is_dir():
-        raise KeyreidError(f"{output}: is a directory; give a file name ending in .onnx")
-    if not output.parent.exists():
-        raise KeyreidError(f"{output.parent}: output directory does not exist")
-    partial = output.with_name(f".{output.name}.partial")
-    try:
-        onnx.save_model(model, str(partial))
-        os.replace(partial, output)
-    except OSError as exc:
-        raise KeyreidError(f"{output}: cannot write the model ({exc.strerror or exc})") from exc
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return output
+    """Serialise ``model`` and write it whole: no partial model is ever left at ``output``."""
+    return write_bytes(check_writable(output, "model"), model.SerializeToString())
 
 
 def export_model(checkpoint, heatmap_mode: str = "max", precision: str = "fp32",

@@ -14,6 +14,7 @@ from pathlib import Path
 from keyreid.cli import Steps, quiet_third_party_logs, run_main
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
 from keyreid.errors import KeyreidError
+from keyreid.files import check_writable
 
 DESCRIPTION = """\
 Export a KeyRe-ID checkpoint (the upstream model's state_dict, or {'model': ...} /
@@ -59,18 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output_writable(output: Path) -> None:
-    """Fail before the slow export, not after it."""
-    if output.is_dir():
-        raise KeyreidError(f"{output}: is a directory; give a file name ending in .onnx")
-    if not output.parent.is_dir():
-        raise KeyreidError(f"{output.parent}: output directory does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise KeyreidError(f"{output.parent}: output directory is not writable")
-    if output.exists() and not os.access(output, os.W_OK):
-        raise KeyreidError(f"{output}: exists and is not writable")
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_third_party_logs()
@@ -86,7 +75,7 @@ def main(argv=None) -> int:
     output = args.output or args.checkpoint.with_suffix(".onnx")
     if output.resolve() == args.checkpoint.resolve():
         raise KeyreidError(f"{output}: the output would overwrite the checkpoint; choose --output")
-    check_output_writable(output)
+    check_writable(output, "output")
 
     steps = Steps(total=4 if args.no_verify else 5, quiet=args.quiet)
     steps(f"loading checkpoint {args.checkpoint}")

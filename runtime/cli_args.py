@@ -5,7 +5,7 @@ live here once, and turn into keyword arguments for ``open_engine`` and ``Runner
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import ONNX_SUFFIXES
@@ -111,7 +111,3 @@ def runner_options(args: argparse.Namespace) -> Dict[str, object]:
             "max_queue_size": args.queue_size, "block_when_full": True,
             "preprocess_workers": args.workers}
 
-
-def max_batch_or(args: argparse.Namespace, default: int) -> int:
-    value: Optional[int] = args.max_batch
-    return default if value is None else value

@@ -21,11 +21,12 @@ from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.cli_args import add_engine_arguments, engine_options, max_batch_or, positive_int
+from keyreid.runtime.cli_args import add_engine_arguments, engine_options, positive_int
 from keyreid.runtime.engines import Engine, check_camera, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
 from keyreid.runtime.poses import PoseTally
+from keyreid.runtime.runner import DEFAULT_MAX_BATCH_SIZE
 from keyreid.runtime.tracklets import discover_tracklets
 
 DESCRIPTION = """\
@@ -51,7 +52,6 @@ one recorded in the engine's metadata (ONNX), else max.
 exit status: 0 within tolerance; 1 outside it, or bad input; 2 wrong usage; 130 interrupted."""
 
 DEFAULT_CLIPS = 16
-DEFAULT_BATCH = 8
 DEFAULT_TOP_K = 5
 
 
@@ -216,7 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    batch = max_batch_or(args, DEFAULT_BATCH)
 
     with open_engine(args.engine[0], **engine_options(args, args.engine[0])) as engine:
         if args.tracklets is not None:
@@ -229,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             feed = synthetic_clips(args.clips or DEFAULT_CLIPS, engine.num_cameras, args.seed)
             source = f"{len(feed['camera'])} synthetic clips (seed {args.seed})"
         print(f"under test: {describe_engine(engine)}")
+        batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH_SIZE
         actual = run_in_batches(engine.infer, feed, batch)
         if args.checkpoint is not None:
             heatmap_mode = args.heatmap_mode or engine.metadata.get("heatmap_mode", DEFAULT_HEATMAP_MODE)
@@ -242,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         with open_engine(args.engine[1], **engine_options(args, args.engine[1])) as reference:
             print(f"reference:  {describe_engine(reference)}")
-            expected = run_in_batches(reference.infer, feed, batch)
+            expected = run_in_batches(reference.infer, feed, min(batch, reference.max_batch or batch))
     print(f"inputs:     {source}, batches of {batch}")
 
     report = compare(actual, expected, args)

@@ -38,51 +38,58 @@ def cuda_call(result):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-class DeviceBuffer:
-    """GPU memory that grows only when asked for more than it holds; ``free`` is idempotent."""
+class _GrowingBuffer:
+    """Memory that grows only when asked for more than it holds; ``free`` is idempotent.
+    Subclasses name the CUDA allocate/free pair."""
 
     def __init__(self):
         self.ptr = 0
         self.nbytes = 0
 
+    def _allocate(self, nbytes: int) -> int:
+        raise NotImplementedError
+
+    def _release(self, ptr: int) -> None:
+        raise NotImplementedError
+
     def reserve(self, nbytes: int) -> int:
-        """Make room for ``nbytes``; return the device pointer. Old contents are not kept."""
+        """Make room for ``nbytes``; return the pointer. Old contents are not kept."""
         if nbytes > self.nbytes:
             self.free()
-            self.ptr = int(cuda_call(_cudart().cudaMalloc(nbytes)))
+            self.ptr = int(self._allocate(nbytes))
             self.nbytes = nbytes
         return self.ptr
 
     def free(self) -> None:
         if self.ptr:
             ptr, self.ptr, self.nbytes = self.ptr, 0, 0
-            cuda_call(_cudart().cudaFree(ptr))
+            self._release(ptr)
 
 
-class PinnedBuffer:
+class DeviceBuffer(_GrowingBuffer):
+    """GPU memory."""
+
+    def _allocate(self, nbytes: int) -> int:
+        return cuda_call(_cudart().cudaMalloc(nbytes))
+
+    def _release(self, ptr: int) -> None:
+        cuda_call(_cudart().cudaFree(ptr))
+
+
+class PinnedBuffer(_GrowingBuffer):
     """Page-locked host memory (fast, truly asynchronous copies), viewed as NumPy arrays."""
 
-    def __init__(self):
-        self.ptr = 0
-        self.nbytes = 0
+    def _allocate(self, nbytes: int) -> int:
+        return cuda_call(_cudart().cudaMallocHost(nbytes))
 
-    def reserve(self, nbytes: int) -> int:
-        if nbytes > self.nbytes:
-            self.free()
-            self.ptr = int(cuda_call(_cudart().cudaMallocHost(nbytes)))
-            self.nbytes = nbytes
-        return self.ptr
+    def _release(self, ptr: int) -> None:
+        cuda_call(_cudart().cudaFreeHost(ptr))
 
     def view(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """An array over the start of this buffer; valid until the next ``reserve``/``free``."""
         count = int(np.prod(shape)) * np.dtype(dtype).itemsize
         raw = (ctypes.c_uint8 * count).from_address(self.ptr)
         return np.frombuffer(raw, dtype=np.uint8).view(dtype).reshape(shape)
-
-    def free(self) -> None:
-        if self.ptr:
-            ptr, self.ptr, self.nbytes = self.ptr, 0, 0
-            cuda_call(_cudart().cudaFreeHost(ptr))
 
 
 class CudaStream:

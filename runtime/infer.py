@@ -23,7 +23,7 @@ from keyreid.runtime.engines import check_camera, open_engine
 from keyreid.runtime.pipeline import (Progress, QueryGalleryResult, TrackletRun, clip_loader,
                                       evaluate_query_gallery, run_tracklets, total_clips)
 from keyreid.runtime.poses import PoseTally
-from keyreid.runtime.result_files import check_writable, write_bytes, write_json, write_npz
+from keyreid.files import check_writable, write_bytes, write_json, write_npz
 from keyreid.runtime.runner import Runner
 from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, discover_tracklets
 
@@ -47,7 +47,7 @@ tracklet folders (--tracklets, --query, --gallery):
   DIR/<tracklet>/<frame>.jpg|.jpeg|.png   frames in file-name order
   DIR/<tracklet>/<frame>.pose             same stem: 17 COCO keypoints [[x, y, conf], ...]
                                           in pixels of the frame (OpenPifPaf output)
-  DIR/{MANIFEST_NAME}                       optional: columns tracklet,pid,camera
+  {('DIR/' + MANIFEST_NAME).ljust(40)}optional: columns tracklet,pid,camera
   Identity and camera come from the manifest, else from MARS-style frame names
   (0001C2T0003F001.jpg: pid 1, camera 1), else pid -1 (unknown) and --camera.
   Cameras are 0-based model indices; -1 uses the mean camera embedding (unseen camera).

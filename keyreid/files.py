@@ -1,4 +1,6 @@
-"""Result files written whole: a temporary file beside the target, then ``os.replace``.
+"""Files written whole: a temporary file beside the target, then ``os.replace``; and a check that
+an output can be written, made before a long run rather than after it. Export and runtime both
+write through here.
 
 A run that fails, or is interrupted, half way leaves either the previous file or none, never a
 truncated one. The temporary name starts with a dot and ends in ``.partial`` (git-ignored).
