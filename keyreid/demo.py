@@ -31,7 +31,10 @@ def write_demo_tracklets(root: Path, identities: int = 4, cameras: int = 2, seed
         for pid in range(1, identities + 1):
             folder = root / split / f"{pid:04d}C{camera}T0001"
             folder.mkdir(parents=True, exist_ok=True)
-            frames = synthetic_frames(rng, 2).reshape(-1, 256, 128, 3)[: 5 + pid]
+            # One person looks alike on both cameras: same clothes, the light differs a little.
+            person = synthetic_frames(np.random.default_rng(seed + pid), 2).reshape(-1, 256, 128, 3)
+            light = rng.uniform(0.85, 1.15)
+            frames = np.clip(person[: 5 + pid] * light, 0, 255).astype(np.uint8)
             keypoints, _ = realistic_keypoints(rng, 2, crop_sizes=[(128, 256)])
             for index, frame in enumerate(frames):
                 stem = f"{pid:04d}C{camera}T0001F{index + 1:03d}"
