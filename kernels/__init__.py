@@ -5,6 +5,7 @@ Forms of the op, all tested against the NumPy reference:
 - ``keyreid.kernels.reference``: plain NumPy loops like upstream (the definition).
 - ``keyreid.kernels.torch_op``: vectorised torch, CPU and CUDA, exportable to ONNX.
 - ``keyreid.kernels.onnx_function``: the ``keyreid::KeypointPartPool`` ONNX local function.
+- ``keyreid.kernels.graph_op``: the torch custom op that exports as that one ONNX node.
 
 Importing this package does not import torch: the runtime uses ``part_weights`` on machines
 without it, where it falls back to the reference.
