@@ -1,10 +1,16 @@
-"""TensorRT backend: runs a serialized TensorRT 10 engine (``.plan``) with cuda-python.
+"""TensorRT backend: runs a serialized TensorRT 10 or 11 engine (``.plan``) with cuda-python.
 
-Written against the documented TensorRT 10 Python API (tensors by name, ``set_input_shape``,
-``set_tensor_address``, ``execute_async_v3``). Buffers are allocated once and grow only when a
-larger batch arrives; one stream, one synchronisation per batch; every boolean TensorRT returns
-and every CUDA error code is checked. ``tensorrt`` and ``cuda.bindings`` are imported only when
-an engine is activated, so this module imports fine on machines without a GPU.
+Written against the TensorRT 10/11 Python API (tensors by name, ``set_input_shape``,
+``set_tensor_address``, ``execute_async_v3``); every TensorRT name used here is checked against
+the real bindings of both versions by tests/test_tensorrt_bindings.py. Buffers are allocated once
+and grow only when a larger batch arrives; pinned host memory, one stream, one synchronisation per
+batch; every boolean TensorRT returns and every CUDA error code is checked. A batch is split at
+the optimisation profile's maximum and padded up to its minimum, so callers never see the profile.
+
+The plan's sidecar (``model.plan.json``, :mod:`keyreid.runtime.plan_sidecar`) is read on load: it
+refuses a plan built for another GPU or TensorRT version and gives the camera range and the
+ONNX metadata. ``tensorrt`` and ``cuda.bindings`` are imported only when an engine is activated,
+so this module imports fine on machines without a GPU.
 """
 from __future__ import annotations
 
@@ -12,13 +18,14 @@ import contextlib
 import ctypes
 import threading
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
+from keyreid.runtime.plan_sidecar import DeviceFacts, check_plan_matches, read_sidecar
 
 
 def _cudart():
@@ -114,26 +121,64 @@ def _numpy_dtype(trt, trt_dtype) -> Optional[np.dtype]:
         return None
 
 
+def free_all(frees: Sequence[Callable[[], None]]) -> None:
+    """Call every free (of a buffer, a stream) even when one fails; then raise the first
+    failure, so one bad free never leaks the others."""
+    first_error = None
+    for free in frees:
+        try:
+            free()
+        except KeyreidError as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+
+
+def split_batch(batch: int, min_batch: int, max_batch: int) -> Iterator[Tuple[int, int, int]]:
+    """``(start, stop, run_size)`` chunks covering ``batch`` clips: at most ``max_batch`` each,
+    run at ``run_size`` >= ``min_batch`` (the chunk padded by repeating its last clip)."""
+    for start in range(0, batch, max_batch):
+        stop = min(start + max_batch, batch)
+        yield start, stop, max(stop - start, min_batch)
+
+
+def pad_feed(feed: Dict[str, np.ndarray], start: int, stop: int, size: int) -> Dict[str, np.ndarray]:
+    """Clips ``start:stop`` of ``feed``, padded to ``size`` clips by repeating the last one (a
+    valid clip, so padding never trips a range check or produces NaNs)."""
+    index = np.minimum(np.arange(start, start + size), stop - 1)
+    return {name: np.ascontiguousarray(array[index]) for name, array in feed.items()}
+
+
+def device_facts(trt, cudart) -> DeviceFacts:
+    """The current GPU and TensorRT, as a plan's sidecar records them."""
+    device = cuda_call(cudart.cudaGetDevice())
+    properties = cuda_call(cudart.cudaGetDeviceProperties(device))
+    name = properties.name
+    name = name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return DeviceFacts(name, (int(properties.major), int(properties.minor)), trt.__version__)
+
+
 class TrtEngine(Engine):
-    """A serialized TensorRT engine. One execution context: calls are serialised by a lock."""
+    """A serialized TensorRT engine and its sidecar. One execution context: calls are serialised
+    by a lock."""
 
     def __init__(self, path: "str | Path", *, plugin_libraries: Sequence["str | Path"] = (),
                  num_cameras: Optional[int] = None):
         """
         Args:
-            path: the ``.plan`` file, built for this GPU and TensorRT version.
+            path: the ``.plan`` file, built for this GPU and TensorRT version, with its sidecar
+                ``<path>.json`` beside it.
             plugin_libraries: shared libraries to load into the plugin registry before
-                deserializing (the ``KeypointPartPool`` plugin when the engine uses it).
-            num_cameras: number of cameras for the camera range check (a plan carries no
-                metadata); None checks only the lower bound.
+                deserializing. Plans built with the AOT plugin (the default) need none.
+            num_cameras: overrides the sidecar's number of cameras.
         """
         super().__init__(path, num_cameras=num_cameras)
         self._plugin_libraries = [Path(library) for library in plugin_libraries]
         self._lock = threading.Lock()
         self._runtime = self._engine = self._context = self._stream = None
-        self._input_names: list = []
-        self._output_names: list = []
-        self._min_batch = 1
+        self._input_names: List[str] = []
+        self._output_names: List[str] = []
+        self._min_batch = self._max_batch = 1
         self._dtypes: Dict[str, Optional[np.dtype]] = {}
         self._device: Dict[str, DeviceBuffer] = {}
         self._host: Dict[str, PinnedBuffer] = {}
@@ -141,7 +186,16 @@ class TrtEngine(Engine):
     def activate_impl(self) -> EngineInfo:
         check_model_file(self.path)
         trt = require("tensorrt")
-        _cudart()   # imported now, so a missing cuda-python is reported before any work
+        cudart = _cudart()   # imported now, so a missing cuda-python is reported before any work
+        sidecar = read_sidecar(self.path)
+        check_plan_matches(self.path, sidecar, device_facts(trt, cudart))
+        try:
+            return self._load(trt, sidecar)
+        except BaseException:
+            self._release()      # whatever was created before the failure
+            raise
+
+    def _load(self, trt, sidecar) -> EngineInfo:
         logger = trt.Logger(trt.Logger.WARNING)
         if not trt.init_libnvinfer_plugins(logger, ""):
             raise KeyreidError("TensorRT could not register its built-in plugins")
@@ -150,12 +204,11 @@ class TrtEngine(Engine):
             if not library.is_file() or registry.load_library(str(library)) is None:
                 raise KeyreidError(f"{library}: cannot load TensorRT plugin library")
 
-        runtime = trt.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        self._runtime = runtime = trt.Runtime(logger)
+        self._engine = engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
-            raise KeyreidError(f"{self.path}: TensorRT cannot deserialize this engine (truncated, not an "
-                               "engine, built by another TensorRT version or GPU, or its plugin library "
-                               "was not loaded)")
+            raise KeyreidError(f"{self.path}: TensorRT cannot deserialize this engine (truncated or not an "
+                               "engine, or its plugin library was not loaded)")
 
         names = [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
         inputs = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
@@ -168,35 +221,46 @@ class TrtEngine(Engine):
         input_specs, output_specs = check_io(self.path, [found(name) for name in inputs],
                                              [found(name) for name in outputs])
         # Profile 0 (the one a fresh context uses) bounds the batch axis of every input.
-        min_shapes, max_shapes = zip(*((engine.get_tensor_profile_shape(name, 0)[0],
-                                        engine.get_tensor_profile_shape(name, 0)[2]) for name in inputs))
-        self._min_batch = max(int(shape[0]) for shape in min_shapes)
-        max_batch = min(int(shape[0]) for shape in max_shapes)
+        profiles = [engine.get_tensor_profile_shape(name, 0) for name in inputs]
+        self._min_batch = max(int(shapes[0][0]) for shapes in profiles)
+        self._max_batch = min(int(shapes[2][0]) for shapes in profiles)
+        if self._min_batch > self._max_batch:
+            raise KeyreidError(f"{self.path}: the inputs' optimisation profiles share no batch size")
 
-        context = engine.create_execution_context()
-        if context is None:
+        self._context = engine.create_execution_context()
+        if self._context is None:
             raise KeyreidError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
-        self._runtime, self._engine, self._context = runtime, engine, context
         self._stream = CudaStream()
         self._input_names, self._output_names = inputs, [spec.name for spec in output_specs]
         self._dtypes = {name: _numpy_dtype(trt, engine.get_tensor_dtype(name)) for name in names}
         self._device = {name: DeviceBuffer() for name in names}
         self._host = {name: PinnedBuffer() for name in names}
-        return EngineInfo(input_specs, output_specs, max_batch, None)
+        metadata = {**sidecar.onnx_metadata, "onnx_sha256": sidecar.onnx_sha256,
+                    "tensorrt_version": sidecar.tensorrt_version, "plugin": sidecar.plugin}
+        # No batch limit for callers: infer_impl splits at the profile's maximum.
+        return EngineInfo(input_specs, output_specs, None, sidecar.num_cameras, metadata)
+
+    @property
+    def profile_batch_range(self) -> Tuple[int, int]:
+        """(minimum, maximum) clips of one TensorRT execution (the optimisation profile)."""
+        return self._min_batch, self._max_batch
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         batch = len(feed["camera"])
-        if batch < self._min_batch:
-            raise KeyreidError(f"{self.path}: batch of {batch} is below the engine profile's minimum "
-                               f"of {self._min_batch}")
+        results: Dict[str, list] = {name: [] for name in self._output_names}
         with self._lock:
-            try:
-                return self._run_batch(feed)
-            except BaseException:
-                # No copy may still use buffers the next batch frees; keep the original error.
-                with contextlib.suppress(KeyreidError):
-                    self._stream.synchronize()
-                raise
+            for start, stop, size in split_batch(batch, self._min_batch, self._max_batch):
+                chunk = feed if (start, stop, size) == (0, batch, batch) else pad_feed(feed, start, stop, size)
+                try:
+                    outputs = self._run_batch(chunk)
+                except BaseException:
+                    # No copy may still use buffers the next batch frees; keep the original error.
+                    with contextlib.suppress(KeyreidError):
+                        self._stream.synchronize()
+                    raise
+                for name, array in outputs.items():
+                    results[name].append(array[:stop - start])
+        return {name: parts[0] if len(parts) == 1 else np.concatenate(parts) for name, parts in results.items()}
 
     def _run_batch(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Copy in, enqueue, copy out, one synchronisation (lock held)."""
@@ -240,14 +304,18 @@ class TrtEngine(Engine):
 
     def deactivate_impl(self) -> None:
         with self._lock:
-            try:
-                if self._stream is not None:
-                    self._stream.synchronize()
-            finally:
-                for buffer in list(self._device.values()) + list(self._host.values()):
-                    buffer.free()
-                if self._stream is not None:
-                    self._stream.destroy()
-                # Context before engine before runtime: each needs the next one alive.
-                self._context = self._engine = self._runtime = self._stream = None
-                self._device, self._host = {}, {}
+            self._release()
+
+    def _release(self) -> None:
+        """Free everything activation took, whatever state it got to; frees all even when one
+        fails, then raises the first failure."""
+        buffers = list(self._device.values()) + list(self._host.values())
+        stream = self._stream
+        # Context before engine before runtime: each needs the next one alive.
+        self._context = self._engine = self._runtime = self._stream = None
+        self._device, self._host = {}, {}
+        try:
+            if stream is not None and stream.handle is not None:
+                stream.synchronize()
+        finally:
+            free_all([buffer.free for buffer in buffers] + ([stream.destroy] if stream is not None else []))
