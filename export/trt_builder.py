@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from keyreid.contract import INPUTS
+from keyreid.contract import INPUTS, OP_DOMAIN, OP_NAME
 from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes
 from keyreid.lazy import require
@@ -134,14 +134,34 @@ def _progress_monitor(trt, say: Callable[[str], None]):
     return PhasePrinter()
 
 
+def _model_without_op_function(onnx_path: Path) -> bytes:
+    """The ONNX file with the KeypointPartPool local function dropped, so a parser that would
+    prefer the function falls back to the plugin (found by the node's plugin_namespace)."""
+    onnx = require("onnx")
+    model = onnx.load(str(onnx_path))
+    kept = [function for function in model.functions if (function.domain, function.name) != (OP_DOMAIN, OP_NAME)]
+    del model.functions[:]
+    model.functions.extend(kept)
+    return model.SerializeToString()
+
+
 def _parse(trt, network, logger, onnx_path: Path, plugin: str):
     parser = trt.OnnxParser(network, logger)
     if plugin == "aot" and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
-        # Where the flag is missing, the node's plugin_namespace attribute selects the plugin.
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
-    if not parser.parse_from_file(str(onnx_path)):
+        parsed = parser.parse_from_file(str(onnx_path))
+    elif plugin == "aot":
+        # Parsers without the flag import a node's local function before trying plugins.
+        parsed = parser.parse(_model_without_op_function(onnx_path), str(onnx_path))
+    else:
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = [str(parser.get_error(index)) for index in range(parser.num_errors)]
         raise KeyreidError(f"{onnx_path}: TensorRT's ONNX parser failed: " + "; ".join(errors or ["no reason given"]))
+    layers = (network.get_layer(index) for index in range(network.num_layers))
+    if plugin == "aot" and not any(layer.type == trt.LayerType.PLUGIN_V3 for layer in layers):
+        raise KeyreidError(f"{onnx_path}: TensorRT's parser built the op from its ONNX function, not the "
+                           "AOT plugin; rebuild with --plugin none, or use TensorRT 10.9 or newer")
     return parser
 
 
@@ -201,5 +221,6 @@ def build_plan(onnx_path: Path, plan_path: Path, options: BuildOptions,
     write_bytes(plan_path, bytes(serialized))
     write_sidecar(plan_path, sidecar)
     if options.timing_cache is not None:
-        write_bytes(options.timing_cache, bytes(config.get_timing_cache().serialize()))
+        timing_cache = config.get_timing_cache()       # now holding this build's timings
+        write_bytes(options.timing_cache, bytes(timing_cache.serialize()))
     return sidecar

@@ -16,9 +16,10 @@ instead of writing garbage at run time.
 Needs TensorRT >= 10.9 (JetPack 6's 10.3 has no ``tensorrt.plugin``; there the node's ONNX
 function is built instead: ``to_tensorrt.py --plugin none``). This module imports without
 tensorrt; :func:`register_plugin` takes the ``tensorrt.plugin`` module.
-"""
-from __future__ import annotations
 
+No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the registered
+functions' annotations as objects (TensorDesc, str), not strings.
+"""
 import re
 from typing import List, Tuple
 
@@ -67,7 +68,7 @@ def register_plugin(trtp, compute_capability: Tuple[int, int]) -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def part_pool_kernel(keypoints: trtp.TensorDesc, crop_size: trtp.TensorDesc, mode: str,
-                         outputs: Tuple[trtp.TensorDesc]
+                         outputs: Tuple[trtp.TensorDesc], tactic: int
                          ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymExprs]:
         num_clips = keypoints.shape_expr[0]          # symbolic: the engine's batch size
         kernel_name = cuda_build.kernel_name(mode)
