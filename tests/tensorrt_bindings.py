@@ -16,6 +16,7 @@ import ast
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
@@ -185,10 +186,15 @@ class PluginApi:
     def __post_init__(self):
         self.public: Dict[str, ast.AST] = {}
         self.sources: Dict[str, str] = {}
+        self.trees: Dict[str, ast.Module] = {}
         for path in sorted(self.folder.glob("*.py")):
             text = path.read_text()
             self.sources[path.name] = text
-            for node in ast.walk(ast.parse(text)):
+            with warnings.catch_warnings():       # NVIDIA's sources have invalid escapes in docstrings
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tree = ast.parse(text)
+            self.trees[path.name] = tree
+            for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(
                         "public_api" in ast.unparse(decorator) for decorator in node.decorator_list):
                     self.public[node.name] = node
