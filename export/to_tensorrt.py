@@ -27,9 +27,11 @@ the keypoint op (keyreid::KeypointPartPool):
         stored in the plan, which then needs no Python and no plugin library (TensorRT >= 10.9)
   none  the op's ONNX function of standard ops (any TensorRT 10, e.g. JetPack 6's 10.3)
 
-check a new build on the device:
-  python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx
-  (fp32: embedding relative error <= 1e-3; fp16: cosine >= 0.999; part_weights <= 1e-5)
+check a new build on the device against ONNX Runtime:
+  fp32: python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx --tolerance-rel 1e-3
+  fp16: python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx \\
+            --tolerance-rel none --tolerance-cosine 0.999
+  (part_weights within 1e-5 in both: the compare.py default)
 
 exit status: 0 built; 1 bad input, no TensorRT or GPU, or a failed build (nothing written)."""
 

@@ -63,7 +63,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                             "for .onnx engines, which have none)")
     group.add_argument("--num-cameras", type=positive_int, metavar="C",
                        help="cameras the model knows, for the camera range check (default: the "
-                            "ONNX metadata; TensorRT plans carry none)")
+                            "ONNX metadata, or the TensorRT plan's sidecar)")
     group.add_argument("--plugin", type=Path, action="append", default=[], metavar="LIB",
                        help="TensorRT plugin library to load first (repeatable). TensorRT engines only")
     return group

@@ -22,9 +22,10 @@ from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.cli_args import add_engine_arguments, engine_options, positive_int
-from keyreid.runtime.engines import Engine, check_camera, open_engine
+from keyreid.runtime.engines import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Engine, check_camera, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
+from keyreid.runtime.plan_sidecar import check_built_from, read_sidecar
 from keyreid.runtime.poses import PoseTally
 from keyreid.runtime.runner import DEFAULT_MAX_BATCH_SIZE
 from keyreid.runtime.tracklets import discover_tracklets
@@ -205,6 +206,15 @@ def compare(actual: Dict[str, np.ndarray], expected: Dict[str, np.ndarray],
         raise KeyreidError(f"the outputs cannot be compared: {exc}") from exc
 
 
+def check_plan_sources(engines: Sequence[Path]) -> None:
+    """A TensorRT plan compared with an ONNX file must have been built from that file: say so
+    before spending minutes on two engines that were never meant to agree."""
+    plans = [path for path in engines if path.suffix.lower() in TENSORRT_SUFFIXES]
+    models = [path for path in engines if path.suffix.lower() in ONNX_SUFFIXES]
+    if len(plans) == 1 and len(models) == 1:
+        check_built_from(plans[0], read_sidecar(plans[0]), models[0])
+
+
 def describe_engine(engine: Engine) -> str:
     metadata = engine.metadata
     details = [f"{engine.embedding_dim}-d"]
@@ -216,6 +226,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    check_plan_sources(args.engine)
 
     with open_engine(args.engine[0], **engine_options(args, args.engine[0])) as engine:
         if args.tracklets is not None:

@@ -25,7 +25,7 @@ import numpy as np
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
-from keyreid.runtime.plan_sidecar import DeviceFacts, check_plan_matches, read_sidecar
+from keyreid.runtime.plan_sidecar import DeviceFacts, check_device, read_sidecar
 
 
 def _cudart():
@@ -188,7 +188,7 @@ class TrtEngine(Engine):
         trt = require("tensorrt")
         cudart = _cudart()   # imported now, so a missing cuda-python is reported before any work
         sidecar = read_sidecar(self.path)
-        check_plan_matches(self.path, sidecar, device_facts(trt, cudart))
+        check_device(self.path, sidecar, device_facts(trt, cudart))
         try:
             return self._load(trt, sidecar)
         except BaseException:
@@ -239,11 +239,6 @@ class TrtEngine(Engine):
                     "tensorrt_version": sidecar.tensorrt_version, "plugin": sidecar.plugin}
         # No batch limit for callers: infer_impl splits at the profile's maximum.
         return EngineInfo(input_specs, output_specs, None, sidecar.num_cameras, metadata)
-
-    @property
-    def profile_batch_range(self) -> Tuple[int, int]:
-        """(minimum, maximum) clips of one TensorRT execution (the optimisation profile)."""
-        return self._min_batch, self._max_batch
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         batch = len(feed["camera"])

@@ -151,13 +151,16 @@ def _describe(device: DeviceFacts) -> str:
     return f"{device.device_name} (compute capability {major}.{minor}) with TensorRT {device.tensorrt_version}"
 
 
-def check_plan_matches(plan_path: "str | Path", sidecar: PlanSidecar, here: DeviceFacts,
-                       onnx_sha256: Optional[str] = None) -> None:
-    """Refuse, in one sentence, a plan built for another device or TensorRT version, or (when
-    ``onnx_sha256`` is given) from another ONNX file."""
+def check_device(plan_path: "str | Path", sidecar: PlanSidecar, here: DeviceFacts) -> None:
+    """Refuse, in one sentence, a plan built for another GPU or TensorRT version."""
     if sidecar.device != here:
         raise KeyreidError(f"{plan_path}: {REBUILD}: it was built for {_describe(sidecar.device)}, "
                            f"this is {_describe(here)}")
-    if onnx_sha256 is not None and onnx_sha256 != sidecar.onnx_sha256:
+
+
+def check_built_from(plan_path: "str | Path", sidecar: PlanSidecar, onnx_path: "str | Path") -> None:
+    """Refuse, in one sentence, a plan that was not built from ``onnx_path``."""
+    onnx_sha256 = file_sha256(onnx_path)
+    if onnx_sha256 != sidecar.onnx_sha256:
         raise KeyreidError(f"{plan_path}: {REBUILD}: it was built from an ONNX file with sha256 "
-                           f"{sidecar.onnx_sha256[:12]}..., not from the one given ({onnx_sha256[:12]}...)")
+                           f"{sidecar.onnx_sha256[:12]}..., not from {onnx_path} ({onnx_sha256[:12]}...)")
