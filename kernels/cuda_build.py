@@ -199,31 +199,33 @@ def _nvcc_archs() -> List[int]:
     return [int(arch) for arch in re.findall(r"compute_(\d+)", listed)]
 
 
-def compile_ptx(compute_capability: Tuple[int, int]) -> str:
+def compile_ptx(compute_capability: Tuple[int, int], compiler: Optional[str] = None) -> str:
     """PTX of all three entry points for a device of ``compute_capability`` (major, minor).
 
-    NVRTC (``cuda.bindings.nvrtc``) when it loads, else nvcc. The result is cached in
-    ``cache_dir()`` under the source hash, the architecture and the compiler's version, so the
-    second call on a device reads one file.
+    ``compiler`` is "nvrtc" (``cuda.bindings.nvrtc``), "nvcc", or None for NVRTC when it
+    loads, else nvcc. The PTX targets the newest architecture the compiler knows that the
+    device runs, and is cached in ``cache_dir()`` under the source hash, that architecture and
+    the compiler's version, so later calls on a device read one file.
     """
+    if compiler not in (None, "nvrtc", "nvcc"):
+        raise KeyreidError(f"unknown CUDA compiler {compiler!r}: expected nvrtc or nvcc")
     major, minor = _check_capability(compute_capability)
-    nvrtc = _load_nvrtc()
+    nvrtc = _load_nvrtc() if compiler in (None, "nvrtc") else None
     if nvrtc is not None:
         arch = _best_arch(nvrtc.supported_archs(), major, minor)
-        compiler = f"nvrtc{nvrtc.version[0]}.{nvrtc.version[1]}"
-    elif find_nvcc() is not None:
+        name = f"nvrtc{nvrtc.version[0]}.{nvrtc.version[1]}"
+    elif compiler != "nvrtc" and find_nvcc() is not None:
         arch = _best_arch(_nvcc_archs(), major, minor)
-        compiler = "nvcc" + re.sub(r"[^0-9.]", "", nvcc_version().split(",")[0])
+        name = "nvcc" + re.sub(r"[^0-9.]", "", nvcc_version().split(",")[0])
+    elif compiler == "nvrtc":
+        raise KeyreidError('NVRTC is not available: pip install "keyreid[gpu]" and the CUDA NVRTC library')
     else:
-        raise KeyreidError(f"no CUDA compiler for the fused kernel: install NVRTC "
-                           f'(pip install "keyreid[gpu]") or the CUDA toolkit (nvcc)')
-    cached = cache_dir() / f"keypoint_part_pool-{source_hash()}-compute_{arch}-{compiler}.ptx"
+        raise KeyreidError('no CUDA compiler for the fused kernel: install NVRTC (pip install '
+                           '"keyreid[gpu]") or the CUDA toolkit (nvcc, or set KEYREID_NVCC)')
+    cached = cache_dir() / f"keypoint_part_pool-{source_hash()}-compute_{arch}-{name}.ptx"
     if cached.is_file():
         return cached.read_text()
-    if nvrtc is not None:
-        ptx = nvrtc.compile_ptx(kernel_source(), arch)
-    else:
-        ptx = _nvcc_ptx(arch)
+    ptx = nvrtc.compile_ptx(kernel_source(), arch) if nvrtc is not None else _nvcc_ptx(arch)
     write_bytes(cached, ptx.encode())
     return ptx
 
