@@ -30,7 +30,8 @@ setup(
         "keyreid.export": "export",
         "keyreid.runtime": "runtime",
     },
-    package_data={"keyreid.kernels": ["cuda/*.cu", "cuda/*.h", "cuda/*.cpp"]},
+    # The fused kernel is compiled on first use (NVRTC or nvcc), so its sources ship with the package.
+    package_data={"keyreid.kernels": ["*.cu", "*.cuh", "*.cpp"]},
     install_requires=RUNTIME,
     extras_require={
         "runtime": [],

@@ -1,6 +1,7 @@
 """KeypointPartPool as one node in an exported graph.
 
-In eager torch the op runs ``part_weights_torch``; the ONNX exporter translates it into a single
+In eager torch the op runs ``part_weights_torch`` on CPU tensors and the fused CUDA kernel
+(``keyreid.kernels.cuda_op``) on CUDA tensors; the ONNX exporter translates it into a single
 ``keyreid::KeypointPartPool`` node (attributes mode, plugin_namespace, plugin_version) instead of
 inlining its arithmetic, and ``onnx_function.attach_part_pool_function`` then gives the node its
 standard-op body. Importing this module registers the torch op and the ONNX schema once.
@@ -15,6 +16,13 @@ from keyreid.lazy import require
 @torch.library.custom_op("keyreid::keypoint_part_pool", mutates_args=())
 def keypoint_part_pool(keypoints: torch.Tensor, crop_size: torch.Tensor, mode: str) -> torch.Tensor:
     return part_weights_torch(keypoints, crop_size, mode)
+
+
+@keypoint_part_pool.register_kernel("cuda")
+def _(keypoints, crop_size, mode):
+    # The fused CUDA kernel (built on first use); the CPU keeps the vectorised op above.
+    from keyreid.kernels.cuda_op import part_weights_fused
+    return part_weights_fused(keypoints, crop_size, mode)
 
 
 @keypoint_part_pool.register_fake

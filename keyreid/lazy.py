@@ -13,6 +13,7 @@ _EXTRAS = {
     "cv2": ("runtime", "image decoding"),
     "tensorrt": ("gpu", "building and running TensorRT engines"),
     "cuda.bindings.runtime": ("gpu", "running TensorRT engines"),
+    "cuda.bindings.driver": ("gpu", "the fused CUDA KeypointPartPool kernel"),
 }
 
 

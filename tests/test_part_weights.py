@@ -1,5 +1,5 @@
-"""KeypointPartPool: the torch op, the ONNX function and the public entry against the NumPy
-reference (SPEC section 3), on realistic poses and on hand-made edge cases."""
+"""KeypointPartPool: the torch op, the ONNX function, the CUDA kernel's host build and the public
+entry against the NumPy reference (SPEC section 3), on realistic poses and on hand-made edge cases."""
 import subprocess
 import sys
 import textwrap
@@ -49,6 +49,19 @@ def torch_part_weights(keypoints, crop_size, mode):
     from keyreid.kernels.torch_op import part_weights_torch
     with torch.no_grad():
         return part_weights_torch(torch.from_numpy(keypoints), torch.from_numpy(crop_size), mode).numpy()
+
+
+def host_kernel_part_weights(keypoints, crop_size, mode):
+    """The CUDA kernel's arithmetic, built for the CPU (tests/test_cuda_kernel.py has more)."""
+    from keyreid.kernels.host_build import find_cxx, part_weights_host
+    try:
+        find_cxx()
+    except KeyreidError as exc:
+        pytest.skip(str(exc))
+    return part_weights_host(keypoints, crop_size, mode)
+
+
+IMPLEMENTATIONS = [part_weights_reference, torch_part_weights, host_kernel_part_weights]
 
 
 @pytest.fixture(scope="module")
@@ -105,19 +118,19 @@ def test_modes_give_different_weights_on_the_same_poses(reference_weights):
 @pytest.mark.parametrize("mode", HEATMAP_MODES)
 def test_group_without_valid_joint_weighs_minus_one(mode):
     keypoints, crop_size = edge_case_clips()
-    for weights in (part_weights_reference(keypoints, crop_size, mode),
-                    torch_part_weights(keypoints, crop_size, mode)):
+    for implementation in IMPLEMENTATIONS:
+        weights = implementation(keypoints, crop_size, mode)
         assert np.all(weights[:, :, LEFT_ARM] == -1.0)
 
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_blank_mode_weighs_minus_one_everywhere(implementation, realistic_clips):
     assert np.all(implementation(*realistic_clips, "blank") == -1.0)
 
 
 # --- the rules of section 3, one at a time ------------------------------------------------------
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["max", "mean"])
 def test_confidence_of_float32_point_one_counts_and_just_below_does_not(implementation, mode):
     counted = implementation(*clip_of({NOSE: (64, 128, THRESHOLD_F32)}), mode)
@@ -126,7 +139,7 @@ def test_confidence_of_float32_point_one_counts_and_just_below_does_not(implemen
     assert np.all(ignored == -1.0)
 
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["max", "mean"])
 def test_non_finite_keypoints_and_zero_crop_size_count_as_invisible(implementation, mode):
     visible = {LEFT_ELBOW: (30, 100, .9)}
@@ -138,7 +151,7 @@ def test_non_finite_keypoints_and_zero_crop_size_count_as_invisible(implementati
     assert np.all(zero_width == -1.0)
 
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["max", "mean"])
 def test_x_just_left_of_zero_truncates_to_pixel_zero(implementation, mode):
     at_zero = implementation(*clip_of({NOSE: (0.0, 40, .9)}), mode)
@@ -147,7 +160,7 @@ def test_x_just_left_of_zero_truncates_to_pixel_zero(implementation, mode):
     np.testing.assert_array_equal(left_of_zero, at_zero)
 
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_max_mode_skips_a_joint_outside_the_frame_that_mean_mode_draws(implementation):
     just_right = clip_of({NOSE: (130.5, 40, .9)})      # pixel 130: outside, window reaches 119
     assert np.all(implementation(*just_right, "max") == -1.0)
@@ -156,21 +169,21 @@ def test_max_mode_skips_a_joint_outside_the_frame_that_mean_mode_draws(implement
     assert mean_weights[0, 2 * 8 + 6, HEAD] == -1.0
 
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_mean_mode_skips_windows_that_miss_the_frame(implementation):
     # Upstream's slices would wrap around for (-30, -30) and paint most of the frame.
     for joint in [(-30, -30, .9), (-12, 100, .9), (140, 100, .9), (64, 268, .9)]:
         assert np.all(implementation(*clip_of({NOSE: joint}), "mean") == -1.0)
 
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_crop_keypoints_are_scaled_into_the_model_frame(implementation):
     in_model_frame = implementation(*clip_of({NOSE: (64, 128, .9)}), "max")
     in_other_crop = implementation(*clip_of({NOSE: (45, 150, .9)}, crop=(90, 300)), "max")
     np.testing.assert_array_equal(in_other_crop, in_model_frame)
 
 
-@pytest.mark.parametrize("implementation", [part_weights_reference, torch_part_weights])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_single_head_joint_at_a_patch_centre_weighs_its_patch_highest(implementation):
     row, col = 3, 4
     weights = implementation(*clip_of({NOSE: (col * 16 + 8, row * 16 + 8, .9)}), "max")[0]

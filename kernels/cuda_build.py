@@ -1,0 +1,315 @@
+"""The fused CUDA KeypointPartPool kernel as files: its source, launch geometry and PTX.
+
+Shared by the torch CUDA op (``keyreid.kernels.cuda_op``), the TensorRT plugin and
+``benchmarks/gpu_check.py``. Importing it needs neither torch, nor CUDA, nor a GPU, nor a
+compiler: those are looked for only when PTX is asked for.
+
+- ``kernel_name(mode)`` and ``launch_config(num_clips)``: what a launcher hands the driver.
+  Arguments are ``(keypoints, crop_size, part_weights, num_clips)``: inputs, outputs, then one
+  int32, the order a TensorRT AOT plugin passes its tensors and extra arguments.
+- ``compile_ptx(compute_capability)``: PTX for one device, with NVRTC (``cuda.bindings.nvrtc``)
+  where it imports, else ``nvcc``, cached on disk per source hash, architecture and compiler.
+  It compiles on the machine that runs the kernel because PTX from a newer toolkit does not
+  load on an older driver (CUDA 13 PTX on a JetPack 6 / CUDA 12 Jetson).
+- ``build_fatbin(path)``: PTX and cubins for every architecture in ``ARCHITECTURES`` in one
+  ``nvcc`` run, with ptxas's register and spill report (CI fails on a spill).
+
+    python kernels/cuda_build.py build/keypoint_part_pool.fatbin
+"""
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from keyreid.cli import run_main
+from keyreid.contract import CLIP_FRAMES, HEATMAP_MODES, NUM_PARTS, NUM_PATCHES
+from keyreid.errors import KeyreidError
+from keyreid.files import write_bytes
+from keyreid.kernels.reference import check_mode
+
+KERNEL_DIR = Path(__file__).resolve().parent
+HEADER = KERNEL_DIR / "keypoint_part_pool.cuh"
+KERNEL_SOURCE = KERNEL_DIR / "keypoint_part_pool.cu"
+_INCLUDE = '#include "keypoint_part_pool.cuh"'
+
+# Mirrors of the header's KRP_* launch constants (tests/test_cuda_kernel.py checks them against
+# the compiled header): one block per clip and part, one thread per frame and half patch.
+BLOCKS_PER_CLIP = NUM_PARTS                         # 6
+THREADS_PER_BLOCK = CLIP_FRAMES * NUM_PATCHES * 2   # 1024
+DYNAMIC_SHARED_BYTES = 0                            # all shared memory is static (2.6 KB)
+MODE_INDEX = {"max": 0, "mean": 1, "blank": 2}      # keypoint_part_pool_launch's `mode`
+assert tuple(MODE_INDEX) == HEATMAP_MODES
+
+# (major, minor) compute capabilities built and checked in CI. sm_87 is Jetson Orin, sm_110
+# Jetson Thor (CUDA 13's name for what CUDA 12.8 called sm_101). CUDA 13 still builds all of
+# them; a toolkit that stops supporting one fails tests/test_cuda_kernel.py rather than
+# dropping it silently.
+ARCHITECTURES = ((7, 5), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (11, 0), (12, 0))
+
+CACHE_ENV = "KEYREID_CACHE_DIR"
+NVCC_ENV = "KEYREID_NVCC"           # path of nvcc, when it is not on PATH
+
+
+def kernel_name(mode: str) -> str:
+    """The ``extern "C"`` entry point of one heatmap mode, e.g. ``keypoint_part_pool_max``."""
+    check_mode(mode)
+    return f"keypoint_part_pool_{mode}"
+
+
+def launch_config(num_clips: int) -> Tuple[Tuple[int, int, int], Tuple[int, int, int], int]:
+    """((grid x, y, z), (block x, y, z), dynamic shared bytes) for ``num_clips`` clips."""
+    if int(num_clips) < 1:
+        raise KeyreidError(f"the kernel needs at least one clip, got num_clips = {num_clips}")
+    return (int(num_clips) * BLOCKS_PER_CLIP, 1, 1), (THREADS_PER_BLOCK, 1, 1), DYNAMIC_SHARED_BYTES
+
+
+def kernel_source() -> str:
+    """The .cu with its header inlined: one self-contained string, ready for NVRTC."""
+    source = KERNEL_SOURCE.read_text()
+    if _INCLUDE not in source:
+        raise KeyreidError(f"{KERNEL_SOURCE} no longer includes its header as {_INCLUDE}")
+    return source.replace(_INCLUDE, HEADER.read_text(), 1)
+
+
+def source_hash() -> str:
+    """A short hash of ``kernel_source()``: the cache key of everything built from it."""
+    return hashlib.sha256(kernel_source().encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $KEYREID_CACHE_DIR, else ~/.cache/keyreid/kernels."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        path = Path(root)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = Path(base) / "keyreid" / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyreidError(f"cannot create the kernel cache {path}: {exc.strerror or exc}; "
+                           f"set {CACHE_ENV} to a writable folder") from exc
+    return path
+
+
+def _check_capability(compute_capability) -> Tuple[int, int]:
+    try:
+        major, minor = (int(part) for part in compute_capability)
+    except (TypeError, ValueError):
+        raise KeyreidError(f"compute capability must be (major, minor), got {compute_capability!r}") from None
+    if major < 1 or not 0 <= minor < 10:
+        raise KeyreidError(f"compute capability must be (major, minor), got {compute_capability!r}")
+    return major, minor
+
+
+def _best_arch(supported: Sequence[int], major: int, minor: int) -> int:
+    """The newest virtual architecture the compiler knows that the device can run (PTX is
+    forward compatible), e.g. 90 for an sm_120 device and a compiler that stops at 90."""
+    wanted = 10 * major + minor
+    usable = [arch for arch in supported if arch <= wanted]
+    if not usable:
+        raise KeyreidError(f"the CUDA compiler supports none of the architectures up to "
+                           f"sm_{wanted} (it knows {', '.join(map(str, sorted(supported)))})")
+    return max(usable)
+
+
+# --- compilers ------------------------------------------------------------------------------
+
+def find_nvcc() -> Optional[str]:
+    """nvcc from $KEYREID_NVCC, PATH, $CUDA_HOME/bin or /usr/local/cuda/bin; None if absent."""
+    candidates = [os.environ.get(NVCC_ENV), shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(str(Path(home) / "bin" / "nvcc"))
+    return next((path for path in candidates if path and os.access(path, os.X_OK)), None)
+
+
+def _run_nvcc(arguments: List[str], what: str) -> subprocess.CompletedProcess:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise KeyreidError(f"nvcc was not found: install the CUDA toolkit or set {NVCC_ENV}")
+    result = subprocess.run([nvcc, *arguments], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KeyreidError(f"nvcc failed to {what}: {(result.stderr or result.stdout).strip()}")
+    return result
+
+
+@dataclass(frozen=True)
+class _Nvrtc:
+    module: object
+    version: Tuple[int, int]
+
+    def call(self, function, *args):
+        """cuda-python returns (status, *results); raise on a bad status."""
+        status, *results = function(*args)
+        if status != self.module.nvrtcResult.NVRTC_SUCCESS:
+            _, message = self.module.nvrtcGetErrorString(status)
+            raise KeyreidError(f"NVRTC {function.__name__} failed: {message.decode()}")
+        return results[0] if len(results) == 1 else results
+
+    def supported_archs(self) -> List[int]:
+        return list(self.call(self.module.nvrtcGetSupportedArchs))
+
+    def compile_ptx(self, source: str, arch: int) -> str:
+        nvrtc = self.module
+        program = self.call(nvrtc.nvrtcCreateProgram, source.encode(), b"keypoint_part_pool.cu", 0, [], [])
+        try:
+            options = [f"--gpu-architecture=compute_{arch}".encode(), b"--std=c++17"]
+            status, = nvrtc.nvrtcCompileProgram(program, len(options), options)
+            if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+                log = bytearray(self.call(nvrtc.nvrtcGetProgramLogSize, program))
+                self.call(nvrtc.nvrtcGetProgramLog, program, log)
+                raise KeyreidError(f"NVRTC could not compile the kernel for compute_{arch}: "
+                                   f"{bytes(log).decode(errors='replace').strip(chr(0)).strip()}")
+            ptx = bytearray(self.call(nvrtc.nvrtcGetPTXSize, program))
+            self.call(nvrtc.nvrtcGetPTX, program, ptx)
+            return bytes(ptx).rstrip(b"\0").decode()
+        finally:
+            nvrtc.nvrtcDestroyProgram(program)
+
+
+def _load_nvrtc() -> Optional[_Nvrtc]:
+    """NVRTC through cuda-python, or None when the bindings or libnvrtc are missing."""
+    try:
+        from cuda.bindings import nvrtc
+        status, major, minor = nvrtc.nvrtcVersion()
+    except Exception:       # ImportError, or the bindings cannot load libnvrtc (RuntimeError)
+        return None
+    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        return None
+    return _Nvrtc(nvrtc, (major, minor))
+
+
+def nvcc_version() -> str:
+    """nvcc's release line, e.g. 'release 13.0, V13.0.88'."""
+    output = _run_nvcc(["--version"], "report its version").stdout
+    match = re.search(r"release [^\n]+", output)
+    return match.group(0) if match else output.strip().splitlines()[-1]
+
+
+def _nvcc_archs() -> List[int]:
+    listed = _run_nvcc(["--list-gpu-arch"], "list its architectures").stdout
+    return [int(arch) for arch in re.findall(r"compute_(\d+)", listed)]
+
+
+def compile_ptx(compute_capability: Tuple[int, int], compiler: Optional[str] = None) -> str:
+    """PTX of all three entry points for a device of ``compute_capability`` (major, minor).
+
+    ``compiler`` is "nvrtc" (``cuda.bindings.nvrtc``), "nvcc", or None for NVRTC when it
+    loads, else nvcc. The PTX targets the newest architecture the compiler knows that the
+    device runs, and is cached in ``cache_dir()`` under the source hash, that architecture and
+    the compiler's version, so later calls on a device read one file.
+    """
+    if compiler not in (None, "nvrtc", "nvcc"):
+        raise KeyreidError(f"unknown CUDA compiler {compiler!r}: expected nvrtc or nvcc")
+    major, minor = _check_capability(compute_capability)
+    nvrtc = _load_nvrtc() if compiler in (None, "nvrtc") else None
+    if nvrtc is not None:
+        arch = _best_arch(nvrtc.supported_archs(), major, minor)
+        name = f"nvrtc{nvrtc.version[0]}.{nvrtc.version[1]}"
+    elif compiler != "nvrtc" and find_nvcc() is not None:
+        arch = _best_arch(_nvcc_archs(), major, minor)
+        name = "nvcc" + re.sub(r"[^0-9.]", "", nvcc_version().split(",")[0])
+    elif compiler == "nvrtc":
+        raise KeyreidError('NVRTC is not available: pip install "keyreid[gpu]" and the CUDA NVRTC library')
+    else:
+        raise KeyreidError('no CUDA compiler for the fused kernel: install NVRTC (pip install '
+                           '"keyreid[gpu]") or the CUDA toolkit (nvcc, or set KEYREID_NVCC)')
+    cached = cache_dir() / f"keypoint_part_pool-{source_hash()}-compute_{arch}-{name}.ptx"
+    if cached.is_file():
+        return cached.read_text()
+    ptx = nvrtc.compile_ptx(kernel_source(), arch) if nvrtc is not None else _nvcc_ptx(arch)
+    write_bytes(cached, ptx.encode())
+    return ptx
+
+
+def _nvcc_ptx(arch: int) -> str:
+    with tempfile.TemporaryDirectory(prefix="keyreid-ptx-") as scratch:
+        output = Path(scratch) / "keypoint_part_pool.ptx"
+        _run_nvcc(["-ptx", f"-arch=compute_{arch}", "-o", str(output), str(KERNEL_SOURCE)],
+                  f"compile the kernel for compute_{arch}")
+        return output.read_text()
+
+
+# --- every architecture at once (CI, packaging) ----------------------------------------------
+
+@dataclass(frozen=True)
+class KernelResources:
+    """ptxas's report on one entry point for one architecture."""
+    arch: str
+    function: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_bytes: int
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\w+)' for '(sm_\d+\w*)'")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas_report(text: str) -> List[KernelResources]:
+    """The resources of each (entry point, architecture) in ``nvcc -Xptxas -v`` output."""
+    found, current, frame = [], None, None
+    for line in text.splitlines():
+        if (match := _PTXAS_ENTRY.search(line)):
+            current, frame = (match.group(2), match.group(1)), None
+        elif current and (match := _PTXAS_FRAME.search(line)):
+            frame = tuple(int(value) for value in match.groups())
+        elif current and frame and (match := _PTXAS_REGISTERS.search(line)):
+            stack, stores, loads = frame
+            found.append(KernelResources(current[0], current[1], int(match.group(1)), stores, loads, stack))
+            current = None
+    return found
+
+
+def build_fatbin(output: Path, architectures=ARCHITECTURES, threads: int = 2) -> List[KernelResources]:
+    """A fatbin with a cubin and the PTX of every architecture, written whole to ``output``,
+    and ptxas's report on each entry point (registers, spills)."""
+    output = Path(output)
+    gencode = []
+    for major, minor in architectures:
+        arch = f"{major}{minor}"
+        gencode += ["-gencode", f"arch=compute_{arch},code=[sm_{arch},compute_{arch}]"]
+    with tempfile.TemporaryDirectory(prefix="keyreid-fatbin-") as scratch:
+        built = Path(scratch) / output.name
+        result = _run_nvcc(["-fatbin", *gencode, "-Xptxas", "-v", "--threads", str(threads),
+                            "-o", str(built), str(KERNEL_SOURCE)],
+                           "compile the kernel for every architecture")
+        write_bytes(output, built.read_bytes())
+    return parse_ptxas_report(result.stdout + result.stderr)
+
+
+def resource_table(resources: Sequence[KernelResources]) -> str:
+    lines = [f"{'arch':<8} {'entry point':<26} {'registers':>9} {'spill st/ld':>12} {'stack':>6}"]
+    for item in resources:
+        lines.append(f"{item.arch:<8} {item.function:<26} {item.registers:>9} "
+                     f"{item.spill_stores:>5}/{item.spill_loads:<6} {item.stack_bytes:>6}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Build the fused KeypointPartPool kernel for every "
+                                                 "supported GPU architecture (PTX and cubins in one fatbin).")
+    parser.add_argument("output", type=Path, help="fatbin to write, e.g. build/keypoint_part_pool.fatbin")
+    parser.add_argument("--threads", type=int, default=2, help="parallel nvcc jobs (default: 2)")
+    args = parser.parse_args(argv)
+    resources = build_fatbin(args.output, threads=args.threads)
+    print(resource_table(resources))
+    spilling = [f"{item.function} on {item.arch}" for item in resources if item.spill_stores or item.spill_loads]
+    if spilling:
+        raise KeyreidError(f"registers spill in {', '.join(spilling)}")
+    print(f"wrote {args.output} ({nvcc_version()}, source {source_hash()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,234 @@
+"""The fused CUDA KeypointPartPool kernel on machines without a GPU: its arithmetic (the header
+built for the CPU) against the NumPy reference, its build for every GPU architecture, its
+launch geometry and PTX; and, where a CUDA device exists, the torch op's dispatch to it."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keyreid.contract import (CLIP_FRAMES, HEATMAP_MODES, NUM_KEYPOINTS, NUM_PARTS, NUM_PATCHES,
+                              PATCH_COLS, PATCH_SIZE)
+from keyreid.errors import KeyreidError
+from keyreid.kernels import body_parts, cuda_build
+from keyreid.kernels.reference import part_weights_reference
+from keyreid.synthetic import realistic_keypoints
+from test_part_weights import edge_case_clips
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5
+# The architectures the issue asks for: Turing, Ampere, Jetson Orin, Ada, Hopper, Blackwell,
+# Jetson Thor, Blackwell desktop.
+REQUIRED_ARCHITECTURES = {"sm_75", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_110", "sm_120"}
+
+
+@pytest.fixture(scope="module")
+def host_build():
+    from keyreid.kernels import host_build
+    try:
+        host_build.host_library()
+    except KeyreidError as exc:
+        pytest.skip(f"no host C++ compiler for the kernel's arithmetic: {exc}")
+    return host_build
+
+
+@pytest.fixture(scope="module", params=[(3, None), (11, [(128, 256)]), (29, [(64, 128), (200, 90)])],
+                ids=["mixed-crops", "mars-crops", "small-and-wide-crops"])
+def clips(request):
+    """Realistic poses of one seed and crop mix, plus the hand-made edge cases (NaN and inf
+    joints, the 0.1 boundary, joints outside the crop, zero crop size, empty groups)."""
+    seed, crop_sizes = request.param
+    keypoints, crop_size = realistic_keypoints(np.random.default_rng(seed), 8, crop_sizes)
+    edge_keypoints, edge_crop_size = edge_case_clips()
+    keypoints, crop_size = np.concatenate([keypoints, edge_keypoints]), np.concatenate([crop_size, edge_crop_size])
+    return keypoints, crop_size, {mode: part_weights_reference(keypoints, crop_size, mode) for mode in HEATMAP_MODES}
+
+
+# --- the arithmetic, on the CPU -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", HEATMAP_MODES)
+def test_host_build_of_kernel_matches_reference_on_realistic_poses(mode, clips, host_build):
+    keypoints, crop_size, reference = clips
+    weights = host_build.part_weights_host(keypoints, crop_size, mode)
+    assert weights.shape == (len(keypoints), NUM_PATCHES, NUM_PARTS) and weights.dtype == np.float32
+    assert not np.isnan(weights).any(), "an element of part_weights was never written"
+    error = np.abs(weights - reference[mode]).max()
+    print(f"max abs error kernel host build vs reference, mode {mode}: {error:.3g}")
+    assert error <= TOLERANCE
+
+
+def test_host_build_draws_the_poses_it_is_checked_on(clips):
+    """The comparison above means something only if the poses light up many patches."""
+    reference = clips[2]
+    for mode in ("max", "mean"):
+        assert np.mean(reference[mode] > -0.99) > 0.05
+
+
+def test_host_build_weights_one_clip_the_same_alone_or_in_a_batch(clips, host_build):
+    keypoints, crop_size, _ = clips
+    batch = host_build.part_weights_host(keypoints, crop_size, "max")
+    alone = host_build.part_weights_host(keypoints[3:4], crop_size[3:4], "max")
+    np.testing.assert_array_equal(alone[0], batch[3])
+
+
+def test_host_build_rejects_a_wrong_shape(host_build):
+    with pytest.raises(KeyreidError, match=r"\[N, 4, 17, 3\]"):
+        host_build.part_weights_host(np.zeros((2, 4, 17, 2)), np.ones((2, 4, 2)), "max")
+
+
+# --- the header says what the Python side says -----------------------------------------------------
+
+def test_header_constants_match_body_parts_contract_and_cuda_build(host_build):
+    expected = {
+        "CLIP_FRAMES": CLIP_FRAMES, "NUM_KEYPOINTS": NUM_KEYPOINTS, "NUM_PARTS": NUM_PARTS,
+        "RENDER_HEIGHT": body_parts.RENDER_HEIGHT, "RENDER_WIDTH": body_parts.RENDER_WIDTH,
+        "PATCH_SIZE": PATCH_SIZE, "PATCH_COLS": PATCH_COLS, "NUM_PATCHES": NUM_PATCHES,
+        "KERNEL_RADIUS": body_parts.KERNEL_RADIUS, "KERNEL_SIZE": body_parts.KERNEL_SIZE,
+        "KERNEL_SIGMA": body_parts.KERNEL_SIGMA,
+        "MIN_CONFIDENCE": float(body_parts.MIN_VISIBLE_CONFIDENCE_F32),
+        "MINMAX_EPS": float(np.float32(body_parts.MINMAX_EPS)),
+        "BLOCKS_PER_CLIP": cuda_build.BLOCKS_PER_CLIP, "THREADS_PER_BLOCK": cuda_build.THREADS_PER_BLOCK,
+        "DYNAMIC_SHARED_BYTES": cuda_build.DYNAMIC_SHARED_BYTES,
+        **{f"MODE_{mode.upper()}": index for mode, index in cuda_build.MODE_INDEX.items()},
+    }
+    assert {name: host_build.header_constant(name) for name in expected} == expected
+
+
+def test_header_joint_groups_match_body_parts(host_build):
+    groups = tuple(tuple(joint for slot in range(body_parts.MAX_JOINTS_PER_GROUP)
+                         if (joint := host_build.header_group_joint(part, slot)) >= 0)
+                   for part in range(NUM_PARTS))
+    assert groups == body_parts.JOINT_GROUPS
+
+
+# --- launch geometry and sources (the interface the TensorRT plugin codes against) ----------------
+
+def test_launch_config_is_linear_in_clips():
+    for clips in (1, 7, 256):
+        grid, block, shared = cuda_build.launch_config(clips)
+        assert grid == (clips * cuda_build.BLOCKS_PER_CLIP, 1, 1)
+        assert block == (cuda_build.THREADS_PER_BLOCK, 1, 1) and shared == cuda_build.DYNAMIC_SHARED_BYTES
+    assert cuda_build.THREADS_PER_BLOCK <= 1024 and cuda_build.THREADS_PER_BLOCK % 32 == 0
+    with pytest.raises(KeyreidError, match="at least one clip"):
+        cuda_build.launch_config(0)
+
+
+def test_one_entry_point_per_mode_in_the_self_contained_source():
+    source = cuda_build.kernel_source()
+    assert '#include "' not in source
+    for mode in HEATMAP_MODES:
+        assert f"KRP_ENTRY({cuda_build.kernel_name(mode)}, KRP_MODE_{mode.upper()})" in source
+    with pytest.raises(KeyreidError, match="unknown heatmap mode"):
+        cuda_build.kernel_name("sum")
+    assert len(cuda_build.source_hash()) == 16
+
+
+def test_cuda_build_and_driver_modules_import_without_torch_or_cuda():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['cuda'] = None; "
+            "import keyreid.kernels.cuda_build, keyreid.kernels.cuda_driver, keyreid.kernels.host_build; "
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# --- compilers ------------------------------------------------------------------------------------
+
+needs_nvcc = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc is not installed")
+
+
+@needs_nvcc
+def test_kernel_compiles_for_every_architecture_without_spills(tmp_path):
+    resources = cuda_build.build_fatbin(tmp_path / "keypoint_part_pool.fatbin")
+    print(cuda_build.resource_table(resources))
+    built = {(item.arch, item.function) for item in resources}
+    expected = {(arch, cuda_build.kernel_name(mode)) for arch in REQUIRED_ARCHITECTURES for mode in HEATMAP_MODES}
+    assert expected <= built, f"missing from ptxas's report: {sorted(expected - built)}"
+    assert [item for item in resources if item.spill_stores or item.spill_loads] == []
+    assert (tmp_path / "keypoint_part_pool.fatbin").stat().st_size > 0
+
+
+def test_architecture_list_is_the_one_the_issue_asks_for():
+    assert {f"sm_{major}{minor}" for major, minor in cuda_build.ARCHITECTURES} == REQUIRED_ARCHITECTURES
+
+
+def _nvrtc_or_skip():
+    if cuda_build._load_nvrtc() is None:
+        pytest.skip("NVRTC (cuda-python and libnvrtc) is not installed")
+
+
+@pytest.mark.parametrize("compiler", ["nvcc", "nvrtc"])
+def test_compile_ptx_targets_the_device_and_is_cached(compiler, tmp_path, monkeypatch):
+    if compiler == "nvcc" and cuda_build.find_nvcc() is None:
+        pytest.skip("nvcc is not installed")
+    if compiler == "nvrtc":
+        _nvrtc_or_skip()
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    ptx = cuda_build.compile_ptx((8, 7), compiler=compiler)          # Jetson Orin
+    assert ".target sm_87" in ptx
+    for mode in HEATMAP_MODES:
+        assert f".entry {cuda_build.kernel_name(mode)}(" in ptx
+    cached = list(tmp_path.glob("keypoint_part_pool-*-compute_87-*.ptx"))
+    assert len(cached) == 1 and cached[0].read_text() == ptx
+    assert cuda_build.compile_ptx((8, 7), compiler=compiler) == ptx
+
+
+def test_compile_ptx_for_a_device_newer_than_the_compiler_targets_its_newest_architecture():
+    assert cuda_build._best_arch([75, 80, 86, 87, 89, 90], 12, 0) == 90
+    assert cuda_build._best_arch([75, 80, 86, 87, 89, 90], 8, 6) == 86
+    with pytest.raises(KeyreidError, match="supports none"):
+        cuda_build._best_arch([80, 90], 7, 5)
+
+
+def test_compile_ptx_without_any_compiler_says_what_to_install(monkeypatch):
+    # Fault injection: this machine's compilers made invisible to otherwise real code.
+    monkeypatch.setattr(cuda_build, "_load_nvrtc", lambda: None)
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)
+    with pytest.raises(KeyreidError, match="install NVRTC .* or the CUDA toolkit"):
+        cuda_build.compile_ptx((9, 0))
+
+
+def test_compile_ptx_rejects_a_malformed_compute_capability():
+    with pytest.raises(KeyreidError, match=r"\(major, minor\)"):
+        cuda_build.compile_ptx("sm_90")
+
+
+# --- torch dispatch -------------------------------------------------------------------------------
+
+def test_torch_op_has_a_cuda_implementation_registered():
+    torch = pytest.importorskip("torch")
+    import keyreid.kernels.graph_op  # noqa: F401  (registers the op)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has_kernel("keyreid::keypoint_part_pool", "CUDA")
+
+
+def test_torch_op_on_cuda_runs_the_fused_kernel(clips):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import keyreid.kernels.graph_op  # noqa: F401
+    from keyreid.kernels.cuda_op import fused_kernel_unavailable
+    keypoints, crop_size, reference = clips
+    keypoints, crop_size = torch.from_numpy(keypoints).cuda(), torch.from_numpy(crop_size).cuda()
+    for mode in HEATMAP_MODES:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            weights = torch.ops.keyreid.keypoint_part_pool(keypoints, crop_size, mode)
+            torch.cuda.synchronize()
+        assert fused_kernel_unavailable(keypoints.device.index or 0) == ""
+        assert cuda_build.kernel_name(mode) in {event.name for event in profile.events()}
+        assert np.abs(weights.cpu().numpy() - reference[mode]).max() <= TOLERANCE
+        again = torch.ops.keyreid.keypoint_part_pool(keypoints, crop_size, mode)
+        assert torch.equal(weights, again), "two launches on the same input differ"
+
+
+def test_gpu_check_refuses_cleanly_without_a_gpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: run benchmarks/gpu_check.py itself")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "GPU" in lines[0], result.stderr
