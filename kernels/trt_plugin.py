@@ -9,9 +9,12 @@ plan, so the plan runs with no Python and no plugin library.
 
 TensorRT passes an AOT kernel its input tensors, then the extra scalar arguments, then the
 output tensors (``tensorrt.plugin.aot_impl``: extra args are "located after the tensor inputs and
-before the tensor outputs"). ``aot_impl`` checks the PTX entry's parameter list against that
-order before handing it over, so a kernel with another order fails the build with a sentence
-instead of writing garbage at run time.
+before the tensor outputs"). The fused kernel's entry points take ``(keypoints, crop_size,
+part_weights, num_clips)``, so :func:`in_tensorrt_order` moves ``num_clips`` before the output in
+the PTX entry's declaration (PTX parameters are named and the body reads them by name, so only
+the positions a launcher fills change). The result is checked against that order before it is
+handed over, so a kernel with any other signature fails the build with a sentence instead of
+writing garbage at run time.
 
 Needs TensorRT >= 10.9 (JetPack 6's 10.3 has no ``tensorrt.plugin``; there the node's ONNX
 function is built instead: ``to_tensorrt.py --plugin none``). This module imports without
@@ -21,7 +24,7 @@ No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the re
 functions' annotations as objects (TensorDesc, str), not strings.
 """
 import re
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from keyreid.contract import NUM_PARTS, NUM_PATCHES, OP_DOMAIN, OP_NAME
 from keyreid.errors import KeyreidError
@@ -51,6 +54,32 @@ def check_kernel_arguments(ptx: str, kernel_name: str) -> None:
                            f"plugin's inputs, extra arguments, then outputs: ({wanted})")
 
 
+def in_tensorrt_order(ptx: str, kernel_name: str) -> str:
+    """``ptx`` with entry ``kernel_name``'s parameters declared in TensorRT's order: an entry
+    taking (inputs, output, num_clips) gets num_clips moved before the output; one already in
+    TensorRT's order is left as it is; anything else is refused."""
+    match = re.search(r"\.entry\s+" + re.escape(kernel_name) + r"\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise KeyreidError(f"the compiled kernel has no entry point {kernel_name}")
+    declarations = [part.strip() for part in match.group(1).split(",")]
+    if entry_parameters(ptx, kernel_name) == ["b64", "b64", "b64", "b32"]:
+        keypoints, crop_size, part_weights, num_clips = declarations
+        declarations = [keypoints, crop_size, num_clips, part_weights]
+        ptx = ptx[:match.start(1)] + "\n\t" + ",\n\t".join(declarations) + "\n" + ptx[match.end(1):]
+    check_kernel_arguments(ptx, kernel_name)
+    return ptx
+
+
+def launch_geometry(num_clips) -> Dict[str, object]:
+    """``cuda_build.launch_config`` as KernelLaunchParams keywords, in arithmetic that also works
+    on TensorRT's symbolic batch size (launch_config itself wants an int)."""
+    from keyreid.kernels import cuda_build
+
+    return {"grid_x": num_clips * cuda_build.BLOCKS_PER_CLIP, "grid_y": 1, "grid_z": 1,
+            "block_x": cuda_build.THREADS_PER_BLOCK, "block_y": 1, "block_z": 1,
+            "shared_mem": cuda_build.DYNAMIC_SHARED_BYTES}
+
+
 def register_plugin(trtp, compute_capability: Tuple[int, int]) -> None:
     """Register the plugin with ``trtp`` (the ``tensorrt.plugin`` module), compiling for a GPU of
     ``compute_capability``. Registering twice in one process is a no-op."""
@@ -72,11 +101,8 @@ def register_plugin(trtp, compute_capability: Tuple[int, int]) -> None:
                          ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymExprs]:
         num_clips = keypoints.shape_expr[0]          # symbolic: the engine's batch size
         kernel_name = cuda_build.kernel_name(mode)
-        ptx = cuda_build.compile_ptx(compute_capability)
-        check_kernel_arguments(ptx, kernel_name)
-        (grid_x, grid_y, grid_z), (block_x, block_y, block_z), shared_mem = cuda_build.launch_config(num_clips)
-        launch = trtp.KernelLaunchParams(grid_x=grid_x, grid_y=grid_y, grid_z=grid_z, block_x=block_x,
-                                         block_y=block_y, block_z=block_z, shared_mem=shared_mem)
+        ptx = in_tensorrt_order(cuda_build.compile_ptx(compute_capability), kernel_name)
+        launch = trtp.KernelLaunchParams(**launch_geometry(num_clips))
         extra_args = trtp.SymIntExprs(1)
         extra_args[0] = trtp.SymInt32(num_clips)
         return kernel_name, ptx, launch, extra_args

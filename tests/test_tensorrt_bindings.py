@@ -155,10 +155,18 @@ def test_tensor_descriptions_offer_what_the_shape_function_uses(plugin_api):
 
 
 def test_launch_parameters_are_set_by_keywords_kernel_launch_params_takes(plugin_api):
-    call = next(node for node in ast.walk(ast.parse(PLUGIN_SOURCE.read_text()))
-                if isinstance(node, ast.Call) and ast.unparse(node.func) == "trtp.KernelLaunchParams")
-    used = {keyword.arg for keyword in call.keywords}
-    assert used == plugin_api.init_keywords("KernelLaunchParams")   # every dimension, by name
+    assert set(trt_plugin.launch_geometry(1)) == plugin_api.init_keywords("KernelLaunchParams")
+    assert "trtp.KernelLaunchParams(**launch_geometry(num_clips))" in PLUGIN_SOURCE.read_text()
+
+
+@pytest.mark.parametrize("num_clips", [1, 7, 32])
+def test_launch_geometry_is_the_kernels_launch_config(num_clips):
+    from keyreid.kernels.cuda_build import launch_config
+    geometry = trt_plugin.launch_geometry(num_clips)
+    (grid, block, shared) = launch_config(num_clips)
+    assert (geometry["grid_x"], geometry["grid_y"], geometry["grid_z"]) == grid
+    assert (geometry["block_x"], geometry["block_y"], geometry["block_z"]) == block
+    assert geometry["shared_mem"] == shared
 
 
 def _expected_trailing_parameters(plugin_api) -> list:
@@ -226,24 +234,47 @@ def test_ptx_entry_in_tensorrt_argument_order_is_accepted(two_order_ptx):
     trt_plugin.check_kernel_arguments(two_order_ptx, "tensorrt_order")
 
 
-def test_ptx_entry_with_outputs_before_the_extra_argument_is_refused(two_order_ptx):
+def test_ptx_entry_with_outputs_before_the_extra_argument_is_refused_as_is(two_order_ptx):
     with pytest.raises(KeyreidError, match="inputs, extra arguments, then outputs"):
         trt_plugin.check_kernel_arguments(two_order_ptx, "outputs_before_extra")
 
 
+def test_reordering_moves_the_extra_argument_before_the_output_and_keeps_the_names(two_order_ptx):
+    reordered = trt_plugin.in_tensorrt_order(two_order_ptx, "outputs_before_extra")
+    trt_plugin.check_kernel_arguments(reordered, "outputs_before_extra")
+    header = re.search(r"\.entry outputs_before_extra\((.*?)\)", reordered, re.S).group(1)
+    assert re.findall(r"_param_(\d)", header) == ["0", "1", "3", "2"]      # the body reads them by name
+    assert trt_plugin.in_tensorrt_order(two_order_ptx, "tensorrt_order") == two_order_ptx
+
+
 def test_missing_ptx_entry_is_refused(two_order_ptx):
     with pytest.raises(KeyreidError, match="no entry point keypoint_part_pool_max"):
-        trt_plugin.check_kernel_arguments(two_order_ptx, "keypoint_part_pool_max")
+        trt_plugin.in_tensorrt_order(two_order_ptx, "keypoint_part_pool_max")
+
+
+def _assemble(ptx: str, folder: Path, arch: str) -> str:
+    """ptxas's report on ``ptx`` for ``arch``: the PTX TensorRT would load is well formed."""
+    ptxas = shutil.which("ptxas") or str(Path(shutil.which("nvcc")).resolve().parent / "ptxas")
+    source = folder / "kernel.ptx"
+    source.write_text(ptx)
+    result = subprocess.run([ptxas, f"-arch={arch}", "-v", str(source), "-o", str(folder / "kernel.cubin")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("mode", HEATMAP_MODES)
-def test_fused_kernel_ptx_has_the_entry_and_arguments_the_plugin_hands_over(mode):
-    cuda_build = pytest.importorskip("keyreid.kernels.cuda_build", reason="the fused kernel (issue 7) is not merged yet")
+def test_fused_kernel_ptx_has_the_entry_and_arguments_the_plugin_hands_over(mode, tmp_path):
+    from keyreid.kernels import cuda_build
     try:
         ptx = cuda_build.compile_ptx((8, 7))       # Jetson Orin
     except KeyreidError as exc:
         pytest.skip(f"no CUDA compiler here: {exc}")
-    trt_plugin.check_kernel_arguments(ptx, cuda_build.kernel_name(mode))
+    name = cuda_build.kernel_name(mode)
+    handed_over = trt_plugin.in_tensorrt_order(ptx, name)
+    assert trt_plugin.entry_parameters(handed_over, name) == ["b64", "b64", "b32", "b64"]
+    if shutil.which("nvcc"):
+        assert f"Compiling entry function '{name}' for 'sm_87'" in _assemble(handed_over, tmp_path, "sm_87")
 
 
 # --- the ONNX graphs TensorRT parses --------------------------------------------------------
