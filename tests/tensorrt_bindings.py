@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
-# Latest releases of each major version when this was written (pip index versions).
-WHEELS = {10: ("tensorrt-cu12-bindings", "10.16.1.11"), 11: ("tensorrt-cu13-bindings", "11.4.0.106")}
+# The latest 10.x and 11.x releases when this was written (pip index versions), and JetPack 6's
+# 10.3, which has no tensorrt.plugin: there only the ONNX-function build path has to work.
+WHEELS = {"10.3": ("tensorrt-cu12-bindings", "10.3.0"), "10": ("tensorrt-cu12-bindings", "10.16.1.11"),
+          "11": ("tensorrt-cu13-bindings", "11.4.0.106")}
 
 # Variable names our TensorRT code gives TensorRT objects -> the Python class they hold.
 # ``self._engine`` counts as ``engine``.
@@ -34,10 +36,10 @@ TRT_VARIABLES = {
 }
 
 
-def fetch_wheel(major: int, cache: Path) -> Path:
+def fetch_wheel(label: str, cache: Path) -> Path:
     """The wheel's ``tensorrt_bindings`` folder, pip-installed (no dependencies) into ``cache``
     once; later calls only look."""
-    package, version = WHEELS[major]
+    package, version = WHEELS[label]
     target = cache / f"{package}-{version}"
     folder = target / "tensorrt_bindings"
     if not (folder / "tensorrt.so").is_file():
@@ -59,8 +61,16 @@ def _demangle(symbols: List[str]) -> List[str]:
 @dataclass
 class Bindings:
     """One bindings wheel, read from its files."""
-    major: int
+    label: str
     folder: Path
+
+    @property
+    def version(self) -> str:
+        return WHEELS[self.label][1]
+
+    @property
+    def has_plugin_api(self) -> bool:
+        return (self.folder / "plugin").is_dir()
 
     def __post_init__(self):
         self.binary = (self.folder / "tensorrt.so").read_bytes()
@@ -110,7 +120,8 @@ def _split_types(text: str) -> List[str]:
 class Use:
     owner: str
     member: str
-    where: str        # file:line, for the failure message
+    where: str            # file:line, for the failure message
+    guard: bool = False   # a hasattr/getattr test: the code copes when the name is missing
 
     def __str__(self):
         return f"{self.owner}.{self.member} ({self.where})"
@@ -150,7 +161,7 @@ def tensorrt_uses(path: Path, variables: Dict[str, str] = TRT_VARIABLES) -> List
             if isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr") and len(node.args) >= 2:
                 owner, name = owner_of(node.args[0]), node.args[1]
                 if owner is not None and isinstance(name, ast.Constant) and isinstance(name.value, str):
-                    uses.append(Use(owner, name.value, where))
+                    uses.append(Use(owner, name.value, where, guard=True))
             elif isinstance(node.func, ast.Attribute) and owner_of(node.func.value) is not None:
                 uses += [Use(f"{owner_of(node.func.value)}.{node.func.attr}()", keyword.arg, where)
                          for keyword in node.keywords if keyword.arg]
@@ -165,9 +176,13 @@ def tensorrt_uses(path: Path, variables: Dict[str, str] = TRT_VARIABLES) -> List
 
 
 def missing_uses(bindings: Bindings, uses: List[Use]) -> List[str]:
-    """The uses the bindings cannot satisfy, as readable lines."""
+    """The uses the bindings cannot satisfy, as readable lines. A name the code tests for with
+    hasattr/getattr may be missing: every use of it is then behind that test."""
+    guarded = {(use.owner, use.member) for use in uses if use.guard}
     missing = []
     for use in uses:
+        if (use.owner, use.member) in guarded:
+            continue
         if use.owner.endswith("()"):         # a keyword argument: pybind11 stores py::arg names
             ok = bindings.has_string(use.member)
         else:
