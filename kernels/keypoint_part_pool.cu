@@ -78,7 +78,7 @@ __device__ __forceinline__ void krp_pool_block(const float* __restrict__ keypoin
 }
 
 #define KRP_ENTRY(name, mode)                                                               \
-    extern "C" __global__ void __launch_bounds__(KRP_THREADS_PER_BLOCK)                    \
+    extern "C" __global__ void __launch_bounds__(KRP_THREADS_PER_BLOCK, 1)                  \
     name(const float* __restrict__ keypoints, const float* __restrict__ crop_size,          \
          float* __restrict__ part_weights, int num_clips) {                                 \
         krp_pool_block<mode>(keypoints, crop_size, part_weights, num_clips);                \
