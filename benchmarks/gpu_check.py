@@ -20,6 +20,7 @@ It prints the tables and appends them, dated, with the GPU and its driver, to
 benchmarks/RESULTS.md. Without a GPU it exits 1 with one sentence; so does a failed check.
 """
 import argparse
+import ctypes
 import datetime
 import math
 import statistics
@@ -88,7 +89,7 @@ def driver_version() -> str:
 
 
 def describe_device(torch, kernel, args) -> dict:
-    from keyreid.kernels.cuda_driver import cuda_call
+    from keyreid.kernels.cuda_driver import cuda_call, driver_cuda_version
     driver = require("cuda.bindings.driver")
 
     def attribute(name):
@@ -106,10 +107,9 @@ def describe_device(torch, kernel, args) -> dict:
         (2 * memory_clock_khz * 1e3 * bus_bits / 8 if memory_clock_khz and bus_bits else None)
     fp32_rate = args.fp32_tflops * 1e12 if args.fp32_tflops else \
         (2 * sms * clock_khz * 1e3 * lanes if sms and clock_khz else None)
-    cuda_driver = cuda_call(driver.cuDriverGetVersion())
     major, minor = kernel.compute_capability
     return {"name": torch.cuda.get_device_name(args.device), "capability": f"sm_{major}{minor}",
-            "driver": driver_version(), "driver_cuda": f"{cuda_driver // 1000}.{cuda_driver % 1000 // 10}",
+            "driver": driver_version(), "driver_cuda": driver_cuda_version(),
             "bandwidth": bandwidth, "fp32_rate": fp32_rate, "torch": torch.__version__,
             "torch_cuda": torch.version.cuda}
 
@@ -209,8 +209,9 @@ def check_kernel(torch, kernel, device) -> list:
 def empty_launch_seconds(torch, kernel, repeats: int) -> float:
     from keyreid.kernels.cuda_driver import cuda_call
     driver = require("cuda.bindings.driver")
+    image = ctypes.create_string_buffer(EMPTY_PTX.encode())
     with kernel.current():
-        module = cuda_call(driver.cuModuleLoadData(EMPTY_PTX.encode() + b"\0"))
+        module = cuda_call(driver.cuModuleLoadData(ctypes.addressof(image)))
         function = cuda_call(driver.cuModuleGetFunction(module, b"keyreid_empty"))
 
     def call():
@@ -375,7 +376,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     kernel = fused_kernel(args.device)
     info = describe_device(torch, kernel, args)
-    print(f"device: {info['name']} ({info['capability']}), driver {info['driver']} (CUDA {info['driver_cuda']}), "
+    print(f"device: {info['name']} ({info['capability']}), driver {info['driver']} ({info['driver_cuda']}), "
           f"torch {info['torch']} (CUDA {info['torch_cuda']}); kernel built and loaded in "
           f"{time.perf_counter() - started:.1f} s, source {source_hash()}", flush=True)
 
@@ -397,7 +398,7 @@ def main(argv=None) -> int:
     if not args.no_results:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         heading = (f"{stamp}: {info['name']} ({info['capability']}), driver {info['driver']} "
-                   f"(CUDA {info['driver_cuda']}), torch {info['torch']}")
+                   f"({info['driver_cuda']}), torch {info['torch']}")
         append_results(args.results, heading, sections)
         print(f"appended to {args.results}")
     failed = [f"{row['mode']} N={row['clips']}" for row in checks if not row["passed"]]

@@ -232,3 +232,23 @@ def test_gpu_check_refuses_cleanly_without_a_gpu():
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "GPU" in lines[0], result.stderr
+
+
+def test_fused_kernel_without_cuda_python_names_the_extra_to_install():
+    code = ("import sys; sys.modules['cuda'] = None\n"
+            "from keyreid.errors import KeyreidError\n"
+            "from keyreid.kernels.cuda_driver import FusedKernel\n"
+            "try:\n    FusedKernel(0)\nexcept KeyreidError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "keyreid[gpu]"' in result.stdout
+
+
+def test_fused_kernel_without_a_gpu_driver_says_so():
+    pytest.importorskip("cuda.bindings.driver")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from keyreid.kernels.cuda_driver import FusedKernel
+    with pytest.raises(KeyreidError, match="CUDA driver"):
+        FusedKernel(0)
