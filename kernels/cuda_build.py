@@ -288,6 +288,20 @@ def build_fatbin(output: Path, architectures=ARCHITECTURES, threads: int = 2) ->
     return parse_ptxas_report(result.stdout + result.stderr)
 
 
+def build_shared_library(output: Path, architectures=ARCHITECTURES, threads: int = 2) -> Path:
+    """A shared library exporting the C launcher ``keypoint_part_pool_launch`` (and the three
+    kernels, cubins and PTX for ``architectures``), for C++ users; written whole to ``output``."""
+    output = Path(output)
+    gencode = [f"-gencode=arch=compute_{major}{minor},code=[sm_{major}{minor},compute_{major}{minor}]"
+               for major, minor in architectures]
+    with tempfile.TemporaryDirectory(prefix="keyreid-launcher-") as scratch:
+        built = Path(scratch) / output.name
+        _run_nvcc(["-shared", "-Xcompiler", "-fPIC", *gencode, "--threads", str(threads),
+                   "-o", str(built), str(KERNEL_SOURCE)], "build the launcher library")
+        write_bytes(output, built.read_bytes())
+    return output
+
+
 def resource_table(resources: Sequence[KernelResources]) -> str:
     lines = [f"{'arch':<8} {'entry point':<26} {'registers':>9} {'spill st/ld':>12} {'stack':>6}"]
     for item in resources:

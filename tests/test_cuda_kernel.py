@@ -252,3 +252,19 @@ def test_fused_kernel_without_a_gpu_driver_says_so():
     from keyreid.kernels.cuda_driver import FusedKernel
     with pytest.raises(KeyreidError, match="CUDA driver"):
         FusedKernel(0)
+
+
+@needs_nvcc
+def test_c_launcher_rejects_bad_arguments_without_touching_the_gpu(tmp_path):
+    import ctypes
+    library = ctypes.CDLL(str(cuda_build.build_shared_library(tmp_path / "libkeypoint_part_pool.so",
+                                                              architectures=[(7, 5)])))
+    launch = library.keypoint_part_pool_launch
+    launch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_void_p]
+    launch.restype = ctypes.c_int
+    success, invalid_value = 0, 1          # cudaSuccess, cudaErrorInvalidValue
+    assert launch(cuda_build.MODE_INDEX["max"], None, None, None, 0, None) == success   # nothing to do
+    assert launch(cuda_build.MODE_INDEX["max"], None, None, None, -1, None) == invalid_value
+    assert launch(3, None, None, None, 1, None) == invalid_value
+    assert launch(cuda_build.MODE_INDEX["mean"], None, None, None, 2 ** 31 - 1, None) == invalid_value
