@@ -12,7 +12,8 @@ compiler: those are looked for only when PTX is asked for.
   It compiles on the machine that runs the kernel because PTX from a newer toolkit does not
   load on an older driver (CUDA 13 PTX on a JetPack 6 / CUDA 12 Jetson).
 - ``build_fatbin(path)``: PTX and cubins for every architecture in ``ARCHITECTURES`` in one
-  ``nvcc`` run, with ptxas's register and spill report (CI fails on a spill).
+  ``nvcc`` run, with ptxas's register and spill report (CI fails on a spill);
+  ``build_shared_library(path)``: the same with the C launcher ``keypoint_part_pool_launch``.
 
     python kernels/cuda_build.py build/keypoint_part_pool.fatbin
 """
