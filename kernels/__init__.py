@@ -5,7 +5,12 @@ Forms of the op, all tested against the NumPy reference:
 - ``keyreid.kernels.reference``: plain NumPy loops like upstream (the definition).
 - ``keyreid.kernels.torch_op``: vectorised torch, CPU and CUDA, exportable to ONNX.
 - ``keyreid.kernels.onnx_function``: the ``keyreid::KeypointPartPool`` ONNX local function.
-- ``keyreid.kernels.graph_op``: the torch custom op that exports as that one ONNX node.
+- ``keyreid.kernels.graph_op``: the torch custom op that exports as that one ONNX node; on
+  CUDA tensors it runs the fused kernel (``keyreid.kernels.cuda_op``).
+- ``keypoint_part_pool.cu`` / ``.cuh``: the fused CUDA kernel, one entry point per mode.
+  ``keyreid.kernels.cuda_build`` holds its launch geometry and builds PTX (NVRTC or nvcc);
+  ``keyreid.kernels.cuda_driver`` loads and launches it through the CUDA driver API;
+  ``keyreid.kernels.host_build`` runs its arithmetic on the CPU, for tests without a GPU.
 
 Importing this package does not import torch: the runtime uses ``part_weights`` on machines
 without it, where it falls back to the reference.

@@ -12,7 +12,8 @@ compiler: those are looked for only when PTX is asked for.
   It compiles on the machine that runs the kernel because PTX from a newer toolkit does not
   load on an older driver (CUDA 13 PTX on a JetPack 6 / CUDA 12 Jetson).
 - ``build_fatbin(path)``: PTX and cubins for every architecture in ``ARCHITECTURES`` in one
-  ``nvcc`` run, with ptxas's register and spill report (CI fails on a spill).
+  ``nvcc`` run, with ptxas's register and spill report (CI fails on a spill);
+  ``build_shared_library(path)``: the same with the C launcher ``keypoint_part_pool_launch``.
 
     python kernels/cuda_build.py build/keypoint_part_pool.fatbin
 """
@@ -286,6 +287,20 @@ def build_fatbin(output: Path, architectures=ARCHITECTURES, threads: int = 2) ->
                            "compile the kernel for every architecture")
         write_bytes(output, built.read_bytes())
     return parse_ptxas_report(result.stdout + result.stderr)
+
+
+def build_shared_library(output: Path, architectures=ARCHITECTURES, threads: int = 2) -> Path:
+    """A shared library exporting the C launcher ``keypoint_part_pool_launch`` (and the three
+    kernels, cubins and PTX for ``architectures``), for C++ users; written whole to ``output``."""
+    output = Path(output)
+    gencode = [f"-gencode=arch=compute_{major}{minor},code=[sm_{major}{minor},compute_{major}{minor}]"
+               for major, minor in architectures]
+    with tempfile.TemporaryDirectory(prefix="keyreid-launcher-") as scratch:
+        built = Path(scratch) / output.name
+        _run_nvcc(["-shared", "-Xcompiler", "-fPIC", *gencode, "--threads", str(threads),
+                   "-o", str(built), str(KERNEL_SOURCE)], "build the launcher library")
+        write_bytes(output, built.read_bytes())
+    return output
 
 
 def resource_table(resources: Sequence[KernelResources]) -> str:

@@ -14,8 +14,6 @@ from keyreid.errors import KeyreidError
 from keyreid.kernels.cuda_build import compile_ptx, kernel_name, launch_config
 from keyreid.lazy import require
 
-# The kernel's parameters as the driver copies them: three device pointers, then an int32.
-_ARGUMENT_TYPES = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
 
 def _driver():
@@ -61,9 +59,15 @@ class FusedKernel:
             cuda_call(driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.device)))
         self.ptx = compile_ptx(self.compute_capability)
         self.context = cuda_call(driver.cuDevicePrimaryCtxRetain(self.device))
+        image = ctypes.create_string_buffer(self.ptx.encode())    # NUL-terminated, as PTX must be
         with self.current():
-            # PTX must end in a NUL byte; the driver JIT-compiles it for this device.
-            self.module = cuda_call(driver.cuModuleLoadData(self.ptx.encode() + b"\0"))
+            # The driver JIT-compiles the PTX for this device.
+            status, self.module = driver.cuModuleLoadData(ctypes.addressof(image))
+            if status == driver.CUresult.CUDA_ERROR_UNSUPPORTED_PTX_VERSION:
+                raise KeyreidError(f"the CUDA driver ({driver_cuda_version()}) cannot load PTX "
+                                   f"{_ptx_isa(self.ptx)} from this machine's CUDA compiler: install "
+                                   f"an NVRTC or CUDA toolkit no newer than the driver")
+            cuda_call((status, self.module))
             self.functions = {mode: cuda_call(driver.cuModuleGetFunction(self.module, kernel_name(mode).encode()))
                               for mode in HEATMAP_MODES}
 
@@ -81,10 +85,13 @@ class FusedKernel:
         if function is None:
             kernel_name(mode)                  # raises the message naming the valid modes
         (grid_x, grid_y, grid_z), (block_x, block_y, block_z), shared = launch_config(num_clips)
-        arguments = ((keypoints, crop_size, part_weights, int(num_clips)), _ARGUMENT_TYPES)
+        # kernelParams: an array of pointers to each argument, which the driver copies at launch.
+        values = (ctypes.c_void_p(keypoints), ctypes.c_void_p(crop_size), ctypes.c_void_p(part_weights),
+                  ctypes.c_int32(num_clips))
+        parameters = (ctypes.c_void_p * len(values))(*(ctypes.addressof(value) for value in values))
         with self.current():
             cuda_call(driver.cuLaunchKernel(function, grid_x, grid_y, grid_z, block_x, block_y, block_z,
-                                            shared, driver.CUstream(stream), arguments, 0))
+                                            shared, driver.CUstream(stream), ctypes.addressof(parameters), 0))
 
 
 class _PushedContext:
@@ -98,6 +105,20 @@ class _PushedContext:
     def __exit__(self, *exc_info):
         cuda_call(_driver().cuCtxPopCurrent())
         return False
+
+
+def driver_cuda_version() -> str:
+    """The newest CUDA version the installed driver supports, e.g. 'CUDA 12.4'."""
+    version = cuda_call(_driver().cuDriverGetVersion())
+    return f"CUDA {version // 1000}.{version % 1000 // 10}"
+
+
+def _ptx_isa(ptx: str) -> str:
+    """The PTX ISA version a PTX text declares, e.g. 'ISA 9.0'."""
+    for line in ptx.splitlines():
+        if line.startswith(".version"):
+            return "ISA " + line.split()[1]
+    return "of unknown ISA"
 
 
 @lru_cache(maxsize=None)

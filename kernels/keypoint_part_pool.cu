@@ -19,6 +19,9 @@
 #define KRP_WARP 32
 #define KRP_FULL_MASK 0xffffffffu
 #define KRP_WARPS_PER_FRAME (KRP_THREADS_PER_FRAME / KRP_WARP)
+static_assert(KRP_THREADS_PER_FRAME % KRP_WARP == 0, "a frame's threads fill whole warps");
+static_assert(KRP_THREADS_PER_BLOCK <= 1024, "CUDA blocks hold at most 1024 threads");
+static_assert(KRP_NUM_PATCHES <= KRP_THREADS_PER_BLOCK, "one thread writes each patch's weight");
 
 template <int MODE>
 __device__ __forceinline__ void krp_pool_block(const float* __restrict__ keypoints,
@@ -78,7 +81,7 @@ __device__ __forceinline__ void krp_pool_block(const float* __restrict__ keypoin
 }
 
 #define KRP_ENTRY(name, mode)                                                               \
-    extern "C" __global__ void __launch_bounds__(KRP_THREADS_PER_BLOCK)                    \
+    extern "C" __global__ void __launch_bounds__(KRP_THREADS_PER_BLOCK, 1)                  \
     name(const float* __restrict__ keypoints, const float* __restrict__ crop_size,          \
          float* __restrict__ part_weights, int num_clips) {                                 \
         krp_pool_block<mode>(keypoints, crop_size, part_weights, num_clips);                \

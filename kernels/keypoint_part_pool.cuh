@@ -148,27 +148,33 @@ KRP_HD KrpStats krp_region_stats(int mode, const KrpJoint* joints, const float* 
     stats.min = 3.402823466e38f;
     for (int row = 0; row < KRP_ROWS_PER_THREAD; ++row) {
         const int y = top + row;
-        float tap_y[KRP_JOINT_SLOTS];          // g_y of each joint on this row, 0 if not covered
+        // Joint by joint, each one's window taps on this row of 16 pixels ("mean" also counts
+        // the windows covering each pixel), then the row's pixels into the region's stats.
+        float value[KRP_PATCH_SIZE], covering[KRP_PATCH_SIZE];
+        for (int col = 0; col < KRP_PATCH_SIZE; ++col) value[col] = covering[col] = 0.0f;
         for (int k = 0; k < KRP_JOINT_SLOTS; ++k) {
             const int dy = y - joints[k].y + KRP_KERNEL_RADIUS;
-            tap_y[k] = ((touching >> k) & 1u) && dy >= 0 && dy < KRP_KERNEL_SIZE ? window[dy] : 0.0f;
-        }
-        for (int col = 0; col < KRP_PATCH_SIZE; ++col) {
-            const int x = left + col;
-            float value = 0.0f, total = 0.0f, covering = 0.0f;
-            for (int k = 0; k < KRP_JOINT_SLOTS; ++k) {
-                const int dx = x - joints[k].x + KRP_KERNEL_RADIUS;
-                if (tap_y[k] > 0.0f && dx >= 0 && dx < KRP_KERNEL_SIZE) {
-                    const float pixel = tap_y[k] * window[dx];
-                    value = fmaxf(value, pixel);
-                    total += pixel;
-                    covering += 1.0f;
+            if (!((touching >> k) & 1u) || dy < 0 || dy >= KRP_KERNEL_SIZE) continue;
+            const float tap_y = window[dy];
+            const int first_dx = left - joints[k].x + KRP_KERNEL_RADIUS;
+            for (int col = 0; col < KRP_PATCH_SIZE; ++col) {
+                const int dx = first_dx + col;
+                if (dx < 0 || dx >= KRP_KERNEL_SIZE) continue;
+                const float pixel = tap_y * window[dx];
+                if (mode == KRP_MODE_MAX) {
+                    value[col] = fmaxf(value[col], pixel);
+                } else {
+                    value[col] += pixel;
+                    covering[col] += 1.0f;
                 }
             }
-            if (mode == KRP_MODE_MEAN) value = covering > 0.0f ? total / covering : 0.0f;
-            stats.sum += value;
-            stats.max = fmaxf(stats.max, value);
-            stats.min = fminf(stats.min, value);
+        }
+        for (int col = 0; col < KRP_PATCH_SIZE; ++col) {
+            float pixel = value[col];
+            if (mode == KRP_MODE_MEAN) pixel = covering[col] > 0.0f ? pixel / covering[col] : 0.0f;
+            stats.sum += pixel;
+            stats.max = fmaxf(stats.max, pixel);
+            stats.min = fminf(stats.min, pixel);
         }
     }
     return stats;

@@ -232,3 +232,39 @@ def test_gpu_check_refuses_cleanly_without_a_gpu():
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "GPU" in lines[0], result.stderr
+
+
+def test_fused_kernel_without_cuda_python_names_the_extra_to_install():
+    code = ("import sys; sys.modules['cuda'] = None\n"
+            "from keyreid.errors import KeyreidError\n"
+            "from keyreid.kernels.cuda_driver import FusedKernel\n"
+            "try:\n    FusedKernel(0)\nexcept KeyreidError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "keyreid[gpu]"' in result.stdout
+
+
+def test_fused_kernel_without_a_gpu_driver_says_so():
+    pytest.importorskip("cuda.bindings.driver")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from keyreid.kernels.cuda_driver import FusedKernel
+    with pytest.raises(KeyreidError, match="CUDA driver"):
+        FusedKernel(0)
+
+
+@needs_nvcc
+def test_c_launcher_rejects_bad_arguments_without_touching_the_gpu(tmp_path):
+    import ctypes
+    library = ctypes.CDLL(str(cuda_build.build_shared_library(tmp_path / "libkeypoint_part_pool.so",
+                                                              architectures=[(7, 5)])))
+    launch = library.keypoint_part_pool_launch
+    launch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                       ctypes.c_void_p]
+    launch.restype = ctypes.c_int
+    success, invalid_value = 0, 1          # cudaSuccess, cudaErrorInvalidValue
+    assert launch(cuda_build.MODE_INDEX["max"], None, None, None, 0, None) == success   # nothing to do
+    assert launch(cuda_build.MODE_INDEX["max"], None, None, None, -1, None) == invalid_value
+    assert launch(3, None, None, None, 1, None) == invalid_value
+    assert launch(cuda_build.MODE_INDEX["mean"], None, None, None, 2 ** 31 - 1, None) == invalid_value
