@@ -186,7 +186,7 @@ def build_plan(onnx_path: Path, plan_path: Path, options: BuildOptions,
         raise KeyreidError("TensorRT could not register its built-in plugins")
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = _parse(trt, network, logger, onnx_path, options.plugin)
+    parser = _parse(trt, network, logger, onnx_path, options.plugin)   # owns the weights: alive until built
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
@@ -205,7 +205,6 @@ def build_plan(onnx_path: Path, plan_path: Path, options: BuildOptions,
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise KeyreidError("TensorRT could not build the engine (its log above says why)")
-    del parser
 
     step(f"writing {plan_path}")
     sidecar = PlanSidecar(

@@ -35,12 +35,17 @@ KERNEL_ARGUMENTS = (("keypoints", "b64"), ("crop_size", "b64"), ("num_clips", "b
 _PTX_WIDTHS = {"u64": "b64", "s64": "b64", "b64": "b64", "u32": "b32", "s32": "b32", "b32": "b32"}
 
 
-def entry_parameters(ptx: str, kernel_name: str) -> List[str]:
-    """Widths (``b64``/``b32``) of the parameters of PTX entry ``kernel_name``, in order."""
+def _entry_declarations(ptx: str, kernel_name: str) -> "re.Match":
+    """The match whose group 1 is entry ``kernel_name``'s parameter declarations."""
     match = re.search(r"\.entry\s+" + re.escape(kernel_name) + r"\s*\((.*?)\)", ptx, re.S)
     if match is None:
         raise KeyreidError(f"the compiled kernel has no entry point {kernel_name}")
-    types = re.findall(r"\.param\s+\.(\w+)", match.group(1))
+    return match
+
+
+def entry_parameters(ptx: str, kernel_name: str) -> List[str]:
+    """Widths (``b64``/``b32``) of the parameters of PTX entry ``kernel_name``, in order."""
+    types = re.findall(r"\.param\s+\.(\w+)", _entry_declarations(ptx, kernel_name).group(1))
     return [_PTX_WIDTHS.get(kind, kind) for kind in types]
 
 
@@ -58,9 +63,7 @@ def in_tensorrt_order(ptx: str, kernel_name: str) -> str:
     """``ptx`` with entry ``kernel_name``'s parameters declared in TensorRT's order: an entry
     taking (inputs, output, num_clips) gets num_clips moved before the output; one already in
     TensorRT's order is left as it is; anything else is refused."""
-    match = re.search(r"\.entry\s+" + re.escape(kernel_name) + r"\s*\((.*?)\)", ptx, re.S)
-    if match is None:
-        raise KeyreidError(f"the compiled kernel has no entry point {kernel_name}")
+    match = _entry_declarations(ptx, kernel_name)
     declarations = [part.strip() for part in match.group(1).split(",")]
     if entry_parameters(ptx, kernel_name) == ["b64", "b64", "b64", "b32"]:
         keypoints, crop_size, part_weights, num_clips = declarations

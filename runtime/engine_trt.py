@@ -192,7 +192,8 @@ class TrtEngine(Engine):
         try:
             return self._load(trt, sidecar)
         except BaseException:
-            self._release()      # whatever was created before the failure
+            with contextlib.suppress(KeyreidError):     # keep the error that stopped activation
+                self._release()                         # free whatever was created before it
             raise
 
     def _load(self, trt, sidecar) -> EngineInfo:
