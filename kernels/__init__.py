@@ -11,6 +11,8 @@ Forms of the op, all tested against the NumPy reference:
   ``keyreid.kernels.cuda_build`` holds its launch geometry and builds PTX (NVRTC or nvcc);
   ``keyreid.kernels.cuda_driver`` loads and launches it through the CUDA driver API;
   ``keyreid.kernels.host_build`` runs its arithmetic on the CPU, for tests without a GPU.
+- ``keyreid.kernels.trt_plugin``: the fused kernel as a TensorRT AOT plugin (its PTX goes into
+  the ``.plan``); ``export/to_tensorrt.py --plugin aot`` registers it.
 
 Importing this package does not import torch: the runtime uses ``part_weights`` on machines
 without it, where it falls back to the reference.

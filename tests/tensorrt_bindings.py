@@ -13,6 +13,8 @@ signature of a wrapped method).
 from __future__ import annotations
 
 import ast
+import ctypes
+import ctypes.util
 import re
 import subprocess
 import sys
@@ -52,10 +54,21 @@ def fetch_wheel(label: str, cache: Path) -> Path:
 
 
 def _demangle(symbols: List[str]) -> List[str]:
-    if not symbols:
-        return []
-    result = subprocess.run(["c++filt"], input="\n".join(symbols), capture_output=True, text=True, timeout=120)
-    return result.stdout.splitlines() if result.returncode == 0 else []
+    """C++ names of ``symbols``, by libstdc++'s own demangler (no binutils needed)."""
+    libstdcxx = ctypes.CDLL(ctypes.util.find_library("stdc++") or "libstdc++.so.6")
+    libc = ctypes.CDLL(None)
+    demangle = libstdcxx.__cxa_demangle
+    demangle.restype = ctypes.c_void_p
+    demangle.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
+    libc.free.argtypes = [ctypes.c_void_p]
+    names = []
+    for symbol in symbols:
+        status = ctypes.c_int()
+        pointer = demangle(symbol.encode(), None, None, ctypes.byref(status))
+        if status.value == 0 and pointer:
+            names.append(ctypes.string_at(pointer).decode())
+            libc.free(pointer)
+    return names
 
 
 @dataclass
