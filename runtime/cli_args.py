@@ -59,8 +59,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                        help="ONNX Runtime threads inside one operator (default: onnxruntime's "
                             "choice, one per core). .onnx engines only")
     group.add_argument("--max-batch", type=positive_int, metavar="N",
-                       help="most clips per engine call (default: the engine's maximum, or 16 "
-                            "for .onnx engines, which have none)")
+                       help="most clips per engine call (default: 16; a TensorRT engine runs a "
+                            "bigger call in pieces of its profile's maximum)")
     group.add_argument("--num-cameras", type=positive_int, metavar="C",
                        help="cameras the model knows, for the camera range check (default: the "
                             "ONNX metadata, or the TensorRT plan's sidecar)")

@@ -188,6 +188,19 @@ def tensorrt_uses(path: Path, variables: Dict[str, str] = TRT_VARIABLES) -> List
     return uses
 
 
+def misplaced_uses(documented: Set[Tuple[str, str]], uses: List[Use]) -> List[str]:
+    """Uses of a method ``documented`` (the (class, method) pairs of one or more wheels) has on
+    other classes only: a call on the wrong object. Pass several wheels' pairs: a wheel's
+    linker may drop one class's docstring symbol while keeping another's."""
+    misplaced = []
+    for use in uses:
+        owner = "FreeFunctions" if use.owner == "tensorrt" else use.owner   # module-level functions
+        owners = {cls for cls, member in documented if member == use.member}
+        if owners and owner not in owners:
+            misplaced.append(f"{use} is documented on {', '.join(sorted(owners))}")
+    return sorted(set(misplaced))
+
+
 def missing_uses(bindings: Bindings, uses: List[Use]) -> List[str]:
     """The uses the bindings cannot satisfy, as readable lines. A name the code tests for with
     hasattr/getattr may be missing: every use of it is then behind that test."""
@@ -214,14 +227,12 @@ class PluginApi:
     def __post_init__(self):
         self.public: Dict[str, ast.AST] = {}
         self.sources: Dict[str, str] = {}
-        self.trees: Dict[str, ast.Module] = {}
         for path in sorted(self.folder.glob("*.py")):
             text = path.read_text()
             self.sources[path.name] = text
             with warnings.catch_warnings():       # NVIDIA's sources have invalid escapes in docstrings
                 warnings.simplefilter("ignore", DeprecationWarning)
                 tree = ast.parse(text)
-            self.trees[path.name] = tree
             for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and any(
                         "public_api" in ast.unparse(decorator) for decorator in node.decorator_list):

@@ -16,7 +16,7 @@ import pytest
 from keyreid.contract import HEATMAP_MODES
 from keyreid.errors import KeyreidError
 from keyreid.kernels import trt_plugin
-from tensorrt_bindings import WHEELS, Bindings, PluginApi, fetch_wheel, missing_uses, tensorrt_uses
+from tensorrt_bindings import Bindings, PluginApi, WHEELS, fetch_wheel, misplaced_uses, missing_uses, tensorrt_uses
 from tensorrt_onnx_support import parser_problems
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +61,31 @@ def test_every_tensorrt_name_our_code_uses_exists_in_the_bindings(bindings):
             ("OnnxParserFlag", "ENABLE_PLUGIN_OVERRIDE"), ("IProgressMonitor", "phase_start"),
             ("IBuilderConfig.set_timing_cache()", "ignore_mismatch")} <= found
     assert missing_uses(bindings, uses) == []
+
+
+@pytest.fixture(scope="session")
+def documented_methods(wheel_cache):
+    """(class, method) pairs with a docstring symbol in any of the wheels."""
+    return set().union(*(Bindings(label, fetch_wheel(label, wheel_cache)).documented for label in WHEELS))
+
+
+def test_every_method_is_called_on_a_class_the_wheels_document_it_for(documented_methods, bindings):
+    uses = all_uses()
+    evidenced = {(use.owner, use.member) for use in uses if (use.owner, use.member) in documented_methods}
+    assert len(evidenced) >= 20          # most calls have the evidence
+    # No wheel keeps the symbol of OnnxParser.parse's docstring (only TimingCacheKey.parse's),
+    # but every wheel holds the docstring's text.
+    assert b"Parse a serialized ONNX model into the TensorRT network." in bindings.binary
+    assert misplaced_uses(documented_methods, uses) == [
+        f"OnnxParser.parse (trt_builder.py:{_line_of(TENSORRT_SOURCES[1], 'parser.parse(')}) "
+        "is documented on TimingCacheKey"]
+
+
+def test_a_method_called_on_the_wrong_object_is_reported(documented_methods, tmp_path):
+    scratch = tmp_path / "wrong_object.py"
+    scratch.write_text("serialized = config.build_serialized_network(network, config)\n")
+    assert misplaced_uses(documented_methods, tensorrt_uses(scratch)) == [
+        "IBuilderConfig.build_serialized_network (wrong_object.py:1) is documented on Builder"]
 
 
 def test_names_used_behind_hasattr_exist_in_the_latest_releases(bindings):
