@@ -54,6 +54,10 @@ assert tuple(MODE_INDEX) == HEATMAP_MODES
 # dropping it silently.
 ARCHITECTURES = ((7, 5), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (11, 0), (12, 0))
 
+# NVRTC through cuda-python; its major version must not be newer than the driver's CUDA.
+_NVRTC_HINT = ('install NVRTC with pip install "cuda-python[all]" (major version 12 for a '
+               'CUDA 12 driver such as JetPack 6)')
+
 CACHE_ENV = "KEYREID_CACHE_DIR"
 NVCC_ENV = "KEYREID_NVCC"           # path of nvcc, when it is not on PATH
 
@@ -219,10 +223,10 @@ def compile_ptx(compute_capability: Tuple[int, int], compiler: Optional[str] = N
         arch = _best_arch(_nvcc_archs(), major, minor)
         name = "nvcc" + re.sub(r"[^0-9.]", "", nvcc_version().split(",")[0])
     elif compiler == "nvrtc":
-        raise KeyreidError('NVRTC is not available: pip install "keyreid[gpu]" and the CUDA NVRTC library')
+        raise KeyreidError(f"NVRTC is not available: {_NVRTC_HINT}")
     else:
-        raise KeyreidError('no CUDA compiler for the fused kernel: install NVRTC (pip install '
-                           '"keyreid[gpu]") or the CUDA toolkit (nvcc, or set KEYREID_NVCC)')
+        raise KeyreidError(f"no CUDA compiler for the fused kernel: {_NVRTC_HINT}, or install the "
+                           f"CUDA toolkit (nvcc, or set {NVCC_ENV})")
     cached = cache_dir() / f"keypoint_part_pool-{source_hash()}-compute_{arch}-{name}.ptx"
     if cached.is_file():
         return cached.read_text()

@@ -185,7 +185,7 @@ def test_compile_ptx_without_any_compiler_says_what_to_install(monkeypatch):
     # Fault injection: this machine's compilers made invisible to otherwise real code.
     monkeypatch.setattr(cuda_build, "_load_nvrtc", lambda: None)
     monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)
-    with pytest.raises(KeyreidError, match="install NVRTC .* or the CUDA toolkit"):
+    with pytest.raises(KeyreidError, match="install NVRTC .* install the CUDA toolkit"):
         cuda_build.compile_ptx((9, 0))
 
 
