@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from keyreid.cli import run_main
-from keyreid.contract import CLIP_FRAMES, HEATMAP_MODES, NUM_PARTS, NUM_PATCHES
+from keyreid.contract import HEATMAP_MODES, NUM_PARTS, NUM_PATCHES
 from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes
 from keyreid.kernels.reference import check_mode
@@ -41,10 +41,10 @@ KERNEL_SOURCE = KERNEL_DIR / "keypoint_part_pool.cu"
 _INCLUDE = '#include "keypoint_part_pool.cuh"'
 
 # Mirrors of the header's KRP_* launch constants (tests/test_cuda_kernel.py checks them against
-# the compiled header): one block per clip and part, one thread per frame and half patch.
+# the compiled header): one block per clip and part, one thread per half patch of each frame.
 BLOCKS_PER_CLIP = NUM_PARTS                         # 6
-THREADS_PER_BLOCK = CLIP_FRAMES * NUM_PATCHES * 2   # 1024
-DYNAMIC_SHARED_BYTES = 0                            # all shared memory is static (2.6 KB)
+THREADS_PER_BLOCK = NUM_PATCHES * 2                 # 256
+DYNAMIC_SHARED_BYTES = 0                            # all shared memory is static (4.7 KB)
 MODE_INDEX = {"max": 0, "mean": 1, "blank": 2}      # keypoint_part_pool_launch's `mode`
 assert tuple(MODE_INDEX) == HEATMAP_MODES
 
