@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from keyreid.cli import run_main
-from keyreid.contract import CLIP_FRAMES, HEATMAP_MODES, NUM_PARTS, NUM_PATCHES
+from keyreid.contract import HEATMAP_MODES, NUM_PARTS, NUM_PATCHES
 from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes
 from keyreid.kernels.reference import check_mode
@@ -41,10 +41,10 @@ KERNEL_SOURCE = KERNEL_DIR / "keypoint_part_pool.cu"
 _INCLUDE = '#include "keypoint_part_pool.cuh"'
 
 # Mirrors of the header's KRP_* launch constants (tests/test_cuda_kernel.py checks them against
-# the compiled header): one block per clip and part, one thread per frame and half patch.
+# the compiled header): one block per clip and part, one thread per half patch of each frame.
 BLOCKS_PER_CLIP = NUM_PARTS                         # 6
-THREADS_PER_BLOCK = CLIP_FRAMES * NUM_PATCHES * 2   # 1024
-DYNAMIC_SHARED_BYTES = 0                            # all shared memory is static (2.6 KB)
+THREADS_PER_BLOCK = NUM_PATCHES * 2                 # 256
+DYNAMIC_SHARED_BYTES = 0                            # all shared memory is static (4.7 KB)
 MODE_INDEX = {"max": 0, "mean": 1, "blank": 2}      # keypoint_part_pool_launch's `mode`
 assert tuple(MODE_INDEX) == HEATMAP_MODES
 
@@ -53,6 +53,10 @@ assert tuple(MODE_INDEX) == HEATMAP_MODES
 # them; a toolkit that stops supporting one fails tests/test_cuda_kernel.py rather than
 # dropping it silently.
 ARCHITECTURES = ((7, 5), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (11, 0), (12, 0))
+
+# NVRTC through cuda-python; its major version must not be newer than the driver's CUDA.
+_NVRTC_HINT = ('install NVRTC with pip install "cuda-python[all]" (major version 12 for a '
+               'CUDA 12 driver such as JetPack 6)')
 
 CACHE_ENV = "KEYREID_CACHE_DIR"
 NVCC_ENV = "KEYREID_NVCC"           # path of nvcc, when it is not on PATH
@@ -219,10 +223,10 @@ def compile_ptx(compute_capability: Tuple[int, int], compiler: Optional[str] = N
         arch = _best_arch(_nvcc_archs(), major, minor)
         name = "nvcc" + re.sub(r"[^0-9.]", "", nvcc_version().split(",")[0])
     elif compiler == "nvrtc":
-        raise KeyreidError('NVRTC is not available: pip install "keyreid[gpu]" and the CUDA NVRTC library')
+        raise KeyreidError(f"NVRTC is not available: {_NVRTC_HINT}")
     else:
-        raise KeyreidError('no CUDA compiler for the fused kernel: install NVRTC (pip install '
-                           '"keyreid[gpu]") or the CUDA toolkit (nvcc, or set KEYREID_NVCC)')
+        raise KeyreidError(f"no CUDA compiler for the fused kernel: {_NVRTC_HINT}, or install the "
+                           f"CUDA toolkit (nvcc, or set {NVCC_ENV})")
     cached = cache_dir() / f"keypoint_part_pool-{source_hash()}-compute_{arch}-{name}.ptx"
     if cached.is_file():
         return cached.read_text()

@@ -12,16 +12,22 @@
 // KRP_DYNAMIC_SHARED_BYTES of dynamic shared memory. Every element of part_weights is written;
 // there are no atomics, so two launches on the same input agree bit for bit.
 //
+// Why 256-thread blocks: a group's windows touch at most 60 of a frame's 256 regions, so most
+// threads finish after a bounds test and a block lives as long as its few rendered regions.
+// Small blocks let several clips share an SM (3 per SM at about 70 registers), so N = 64 clips
+// (384 blocks) run in one wave on a 132-SM H100 instead of three.
+//
 // keypoint_part_pool_launch() launches one of them on a stream without synchronising; it is
 // compiled only by nvcc (NVRTC builds the kernels alone, without the CUDA runtime headers).
 #include "keypoint_part_pool.cuh"
 
 #define KRP_WARP 32
 #define KRP_FULL_MASK 0xffffffffu
-#define KRP_WARPS_PER_FRAME (KRP_THREADS_PER_FRAME / KRP_WARP)
-static_assert(KRP_THREADS_PER_FRAME % KRP_WARP == 0, "a frame's threads fill whole warps");
-static_assert(KRP_THREADS_PER_BLOCK <= 1024, "CUDA blocks hold at most 1024 threads");
+#define KRP_WARPS (KRP_THREADS_PER_BLOCK / KRP_WARP)
+static_assert(KRP_THREADS_PER_BLOCK % KRP_WARP == 0, "the block is whole warps");
 static_assert(KRP_NUM_PATCHES <= KRP_THREADS_PER_BLOCK, "one thread writes each patch's weight");
+static_assert(KRP_CLIP_FRAMES * KRP_JOINT_SLOTS + KRP_KERNEL_SIZE <= KRP_THREADS_PER_BLOCK,
+              "one thread loads each joint and window tap");
 
 template <int MODE>
 __device__ __forceinline__ void krp_pool_block(const float* __restrict__ keypoints,
@@ -29,9 +35,9 @@ __device__ __forceinline__ void krp_pool_block(const float* __restrict__ keypoin
                                                float* __restrict__ part_weights, int num_clips) {
     __shared__ KrpJoint joints[KRP_CLIP_FRAMES][KRP_JOINT_SLOTS];
     __shared__ float window[KRP_KERNEL_SIZE];
-    __shared__ float warp_max[KRP_THREADS_PER_BLOCK / KRP_WARP];
-    __shared__ float warp_min[KRP_THREADS_PER_BLOCK / KRP_WARP];
-    __shared__ float frame_weights[KRP_CLIP_FRAMES][KRP_NUM_PATCHES];
+    __shared__ float region_sums[KRP_CLIP_FRAMES][KRP_REGIONS_PER_FRAME];
+    __shared__ float warp_max[KRP_CLIP_FRAMES][KRP_WARPS];
+    __shared__ float warp_min[KRP_CLIP_FRAMES][KRP_WARPS];
 
     const long long clip = blockIdx.x / KRP_BLOCKS_PER_CLIP;
     const int part = blockIdx.x % KRP_BLOCKS_PER_CLIP;
@@ -46,42 +52,42 @@ __device__ __forceinline__ void krp_pool_block(const float* __restrict__ keypoin
     }
     __syncthreads();
 
-    const int frame = krp_frame_of_thread(thread);
-    const KrpStats stats = krp_region_stats(MODE, joints[frame], window, thread);
-    // The two halves of a patch are neighbouring lanes.
-    const float patch_sum = stats.sum + __shfl_xor_sync(KRP_FULL_MASK, stats.sum, 1);
-    float high = stats.max, low = stats.min;
-    for (int offset = KRP_WARP / 2; offset > 0; offset /= 2) {
-        high = fmaxf(high, __shfl_xor_sync(KRP_FULL_MASK, high, offset));
-        low = fminf(low, __shfl_xor_sync(KRP_FULL_MASK, low, offset));
-    }
     const int warp = thread / KRP_WARP;
-    if (thread % KRP_WARP == 0) {
-        warp_max[warp] = high;
-        warp_min[warp] = low;
-    }
-    __syncthreads();
-
-    const int first_warp = frame * KRP_WARPS_PER_FRAME;   // a frame's threads fill whole warps
-    float frame_max = warp_max[first_warp], frame_min = warp_min[first_warp];
-    for (int w = 1; w < KRP_WARPS_PER_FRAME; ++w) {
-        frame_max = fmaxf(frame_max, warp_max[first_warp + w]);
-        frame_min = fminf(frame_min, warp_min[first_warp + w]);
-    }
-    if (thread % 2 == 0) {
-        frame_weights[frame][krp_patch_of_thread(thread)] =
-            krp_patch_weight(patch_sum, frame_max, frame_min);
+#pragma unroll 1
+    for (int frame = 0; frame < KRP_CLIP_FRAMES; ++frame) {   // one region rendering in code
+        const int region = krp_region_of(thread, frame);
+        const KrpStats stats = krp_region_stats(MODE, joints[frame], window, region);
+        region_sums[frame][region] = stats.sum;
+        float high = stats.max, low = stats.min;
+        for (int offset = KRP_WARP / 2; offset > 0; offset /= 2) {
+            high = fmaxf(high, __shfl_xor_sync(KRP_FULL_MASK, high, offset));
+            low = fminf(low, __shfl_xor_sync(KRP_FULL_MASK, low, offset));
+        }
+        if (thread % KRP_WARP == 0) {
+            warp_max[frame][warp] = high;
+            warp_min[frame][warp] = low;
+        }
     }
     __syncthreads();
 
     if (thread < KRP_NUM_PATCHES) {
+        float frame_max[KRP_CLIP_FRAMES], frame_min[KRP_CLIP_FRAMES];
+#pragma unroll
+        for (int frame = 0; frame < KRP_CLIP_FRAMES; ++frame) {
+            frame_max[frame] = warp_max[frame][0];
+            frame_min[frame] = warp_min[frame][0];
+            for (int w = 1; w < KRP_WARPS; ++w) {
+                frame_max[frame] = fmaxf(frame_max[frame], warp_max[frame][w]);
+                frame_min[frame] = fminf(frame_min[frame], warp_min[frame][w]);
+            }
+        }
         part_weights[(clip * KRP_NUM_PATCHES + thread) * KRP_NUM_PARTS + part] =
-            krp_clip_weight(&frame_weights[0][thread], KRP_NUM_PATCHES);
+            krp_clip_weight(&region_sums[0][0], frame_max, frame_min, thread);
     }
 }
 
 #define KRP_ENTRY(name, mode)                                                               \
-    extern "C" __global__ void __launch_bounds__(KRP_THREADS_PER_BLOCK, 1)                  \
+    extern "C" __global__ void __launch_bounds__(KRP_THREADS_PER_BLOCK, 1)                \
     name(const float* __restrict__ keypoints, const float* __restrict__ crop_size,          \
          float* __restrict__ part_weights, int num_clips) {                                 \
         krp_pool_block<mode>(keypoints, crop_size, part_weights, num_clips);                \

@@ -6,7 +6,10 @@
 //
 // The work of one block, and how its threads share it:
 //   block  = one clip and one part (KRP_BLOCKS_PER_CLIP = 6 blocks per clip, no atomics);
-//   thread = one frame, one 16x16 patch, one half (8 rows x 16 columns) of that patch.
+//   region = one frame's half patch (8 rows x 16 columns): 256 per frame, 1024 per block;
+//   thread = one region in each of the 4 frames (krp_region_of), staggered from frame to frame
+//            so that the few regions a joint's window touches in consecutive frames fall to
+//            different threads. Untouched regions cost a bounds test; their pixels are all 0.
 // The loader transform is affine per (frame, part), so each frame needs only the raw map's
 // 128 patch sums, its max and its min; pixels are rendered on the fly from the 23-tap Gaussian
 // window and never stored.
@@ -47,9 +50,11 @@
 // Launch geometry: grid (num_clips * KRP_BLOCKS_PER_CLIP), block (KRP_THREADS_PER_BLOCK), no
 // dynamic shared memory. Mirrored by kernels/cuda_build.py for the TensorRT plugin.
 #define KRP_BLOCKS_PER_CLIP KRP_NUM_PARTS
-#define KRP_ROWS_PER_THREAD 8
-#define KRP_THREADS_PER_FRAME (KRP_NUM_PATCHES * KRP_PATCH_SIZE / KRP_ROWS_PER_THREAD)   // 256
-#define KRP_THREADS_PER_BLOCK (KRP_CLIP_FRAMES * KRP_THREADS_PER_FRAME)                 // 1024
+#define KRP_REGION_ROWS 8
+#define KRP_REGIONS_PER_FRAME (KRP_NUM_PATCHES * KRP_PATCH_SIZE / KRP_REGION_ROWS)   // 256
+#define KRP_THREADS_PER_BLOCK KRP_REGIONS_PER_FRAME
+// How far a thread's region moves from one frame to the next; odd, about a third of a frame.
+#define KRP_FRAME_STAGGER 85
 #define KRP_DYNAMIC_SHARED_BYTES 0
 
 // A joint in the 256x128 render frame; `drawn` is 0 for a joint this mode skips.
@@ -112,33 +117,33 @@ KRP_HD KrpJoint krp_load_joint(int mode, const float* keypoints, const float* cr
     return joint;
 }
 
-// First pixel row and column of thread `thread`'s region within its frame.
-KRP_HD int krp_region_top(int thread) {
-    const int local = thread % KRP_THREADS_PER_FRAME;
-    const int patch = local / 2;
-    return (patch / KRP_PATCH_COLS) * KRP_PATCH_SIZE + (local % 2) * KRP_ROWS_PER_THREAD;
+// Region `region` (0 .. 255) of a frame: the top or bottom half of patch region / 2.
+KRP_HD int krp_region_top(int region) {
+    return (region / 2 / KRP_PATCH_COLS) * KRP_PATCH_SIZE + (region % 2) * KRP_REGION_ROWS;
 }
 
-KRP_HD int krp_region_left(int thread) {
-    const int patch = (thread % KRP_THREADS_PER_FRAME) / 2;
-    return (patch % KRP_PATCH_COLS) * KRP_PATCH_SIZE;
+KRP_HD int krp_region_left(int region) {
+    return (region / 2 % KRP_PATCH_COLS) * KRP_PATCH_SIZE;
 }
 
-KRP_HD int krp_frame_of_thread(int thread) { return thread / KRP_THREADS_PER_FRAME; }
-KRP_HD int krp_patch_of_thread(int thread) { return (thread % KRP_THREADS_PER_FRAME) / 2; }
+// The region thread `thread` renders in frame `frame`; over the block's threads, a permutation
+// of the frame's regions.
+KRP_HD int krp_region_of(int thread, int frame) {
+    return (thread + frame * KRP_FRAME_STAGGER) % KRP_REGIONS_PER_FRAME;
+}
 
-// Sum, max and min of the raw group map over thread `thread`'s 8x16 region, rendering each
-// pixel from the group's joints (`joints`: KRP_JOINT_SLOTS of the thread's frame) and the
-// window taps (`window`: KRP_KERNEL_SIZE floats). "max": per pixel the max over joints of
-// g_y * g_x; "mean": the sum over covering joints divided by their number, 0 where none covers.
-KRP_HD KrpStats krp_region_stats(int mode, const KrpJoint* joints, const float* window, int thread) {
-    const int top = krp_region_top(thread);
-    const int left = krp_region_left(thread);
+// Sum, max and min of the raw group map over an 8x16 region of one frame, rendering each
+// pixel from the group's joints (`joints`: KRP_JOINT_SLOTS of that frame) and the window taps
+// (`window`: KRP_KERNEL_SIZE floats). "max": per pixel the max over joints of g_y * g_x;
+// "mean": the sum over covering joints divided by their number, 0 where none covers.
+KRP_HD KrpStats krp_region_stats(int mode, const KrpJoint* joints, const float* window, int region) {
+    const int top = krp_region_top(region);
+    const int left = krp_region_left(region);
     unsigned touching = 0;          // joints whose window overlaps this region
     for (int k = 0; k < KRP_JOINT_SLOTS; ++k) {
         const KrpJoint j = joints[k];
         if (j.drawn && j.y + KRP_KERNEL_RADIUS >= top &&
-            j.y - KRP_KERNEL_RADIUS < top + KRP_ROWS_PER_THREAD &&
+            j.y - KRP_KERNEL_RADIUS < top + KRP_REGION_ROWS &&
             j.x + KRP_KERNEL_RADIUS >= left && j.x - KRP_KERNEL_RADIUS < left + KRP_PATCH_SIZE) {
             touching |= 1u << k;
         }
@@ -146,7 +151,7 @@ KRP_HD KrpStats krp_region_stats(int mode, const KrpJoint* joints, const float* 
     KrpStats stats = {0.0f, 0.0f, 0.0f};
     if (mode == KRP_MODE_BLANK || touching == 0) return stats;   // every pixel is 0
     stats.min = 3.402823466e38f;
-    for (int row = 0; row < KRP_ROWS_PER_THREAD; ++row) {
+    for (int row = 0; row < KRP_REGION_ROWS; ++row) {
         const int y = top + row;
         // Joint by joint, each one's window taps on this row of 16 pixels ("mean" also counts
         // the windows covering each pixel), then the row's pixels into the region's stats.
@@ -193,9 +198,15 @@ KRP_HD float krp_patch_weight(float patch_sum, float frame_max, float frame_min)
     return (scaled - 0.5f) / 0.5f;
 }
 
-// Mean over the clip's frames, summed in frame order.
-KRP_HD float krp_clip_weight(const float* frame_weights /* KRP_CLIP_FRAMES, stride */, int stride) {
+// W of patch `patch` for the clip: the mean over frames, in frame order, of the loader
+// transform of the patch's two region sums. `region_sums`: [KRP_CLIP_FRAMES][256];
+// `frame_max`, `frame_min`: [KRP_CLIP_FRAMES].
+KRP_HD float krp_clip_weight(const float* region_sums, const float* frame_max, const float* frame_min,
+                             int patch) {
     float total = 0.0f;
-    for (int frame = 0; frame < KRP_CLIP_FRAMES; ++frame) total += frame_weights[frame * stride];
+    for (int frame = 0; frame < KRP_CLIP_FRAMES; ++frame) {
+        const float* sums = region_sums + frame * KRP_REGIONS_PER_FRAME;
+        total += krp_patch_weight(sums[2 * patch] + sums[2 * patch + 1], frame_max[frame], frame_min[frame]);
+    }
     return total / (float)KRP_CLIP_FRAMES;
 }

@@ -1,16 +1,15 @@
 // Host build of the fused kernel's arithmetic, for CI machines without a GPU.
 //
-// keypoint_part_pool_host() runs every block and every thread of keypoint_part_pool.cu in
-// turn, calling the same functions of keypoint_part_pool.cuh, with the kernel's shuffles and
-// shared-memory reductions replaced by loops that combine values in the same pairs. Compiled
-// with g++ by keyreid.kernels.host_build and compared with kernels/reference.py.
+// keypoint_part_pool_host() runs every block of keypoint_part_pool.cu in turn and, within a
+// block, every thread's region of every frame, calling the same functions of
+// keypoint_part_pool.cuh. The kernel's shuffle and shared-memory reductions are max and min
+// (exact in any order), so plain loops reproduce them. Compiled with g++ by
+// keyreid.kernels.host_build and compared with kernels/reference.py.
 #include "keypoint_part_pool.cuh"
 
 extern "C" int keypoint_part_pool_host(int mode, const float* keypoints, const float* crop_size,
                                        float* part_weights, int num_clips) {
     if (mode < KRP_MODE_MAX || mode > KRP_MODE_BLANK || num_clips < 0) return 1;
-    static_assert(KRP_THREADS_PER_FRAME % 2 == 0, "patch halves pair up");
-    KrpStats stats[KRP_THREADS_PER_BLOCK];
     float window[KRP_KERNEL_SIZE];
     for (int n = 0; n < KRP_KERNEL_SIZE; ++n) window[n] = krp_window_tap(n);
 
@@ -22,25 +21,20 @@ extern "C" int keypoint_part_pool_host(int mode, const float* keypoints, const f
             for (int slot = 0; slot < KRP_JOINT_SLOTS; ++slot)
                 joints[frame][slot] = krp_load_joint(mode, keypoints, crop_size, clip, frame, part, slot);
 
-        for (int thread = 0; thread < KRP_THREADS_PER_BLOCK; ++thread)
-            stats[thread] = krp_region_stats(mode, joints[krp_frame_of_thread(thread)], window, thread);
-
-        float frame_weights[KRP_CLIP_FRAMES][KRP_NUM_PATCHES];
+        float region_sums[KRP_CLIP_FRAMES][KRP_REGIONS_PER_FRAME];
+        float frame_max[KRP_CLIP_FRAMES], frame_min[KRP_CLIP_FRAMES];
         for (int frame = 0; frame < KRP_CLIP_FRAMES; ++frame) {
-            const KrpStats* first = stats + frame * KRP_THREADS_PER_FRAME;
-            float frame_max = first[0].max, frame_min = first[0].min;
-            for (int t = 1; t < KRP_THREADS_PER_FRAME; ++t) {
-                frame_max = fmaxf(frame_max, first[t].max);
-                frame_min = fminf(frame_min, first[t].min);
-            }
-            for (int t = 0; t < KRP_THREADS_PER_FRAME; t += 2) {
-                const float patch_sum = first[t].sum + first[t + 1].sum;
-                frame_weights[frame][t / 2] = krp_patch_weight(patch_sum, frame_max, frame_min);
+            for (int thread = 0; thread < KRP_THREADS_PER_BLOCK; ++thread) {
+                const int region = krp_region_of(thread, frame);
+                const KrpStats stats = krp_region_stats(mode, joints[frame], window, region);
+                region_sums[frame][region] = stats.sum;
+                frame_max[frame] = thread == 0 ? stats.max : fmaxf(frame_max[frame], stats.max);
+                frame_min[frame] = thread == 0 ? stats.min : fminf(frame_min[frame], stats.min);
             }
         }
         for (int patch = 0; patch < KRP_NUM_PATCHES; ++patch) {
             part_weights[(clip * KRP_NUM_PATCHES + patch) * KRP_NUM_PARTS + part] =
-                krp_clip_weight(&frame_weights[0][patch], KRP_NUM_PATCHES);
+                krp_clip_weight(&region_sums[0][0], frame_max, frame_min, patch);
         }
     }
     return 0;
