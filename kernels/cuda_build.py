@@ -5,8 +5,8 @@ Shared by the torch CUDA op (``keyreid.kernels.cuda_op``), the TensorRT plugin a
 compiler: those are looked for only when PTX is asked for.
 
 - ``kernel_name(mode)`` and ``launch_config(num_clips)``: what a launcher hands the driver.
-  Arguments are ``(keypoints, crop_size, part_weights, num_clips)``: inputs, outputs, then one
-  int32, the order a TensorRT AOT plugin passes its tensors and extra arguments.
+  Arguments are ``(keypoints, crop_size, num_clips, part_weights)``: inputs, one int32, then
+  the output, the order in which a TensorRT AOT plugin passes its tensors and extra arguments.
 - ``compile_ptx(compute_capability)``: PTX for one device, with NVRTC (``cuda.bindings.nvrtc``)
   where it imports, else ``nvcc``, cached on disk per source hash, architecture and compiler.
   It compiles on the machine that runs the kernel because PTX from a newer toolkit does not

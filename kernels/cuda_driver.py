@@ -3,7 +3,7 @@
 It does what the TensorRT plugin does with the PTX: compile it for the device
 (``cuda_build.compile_ptx``), load it into the device's primary context, and launch an entry
 point with ``launch_config(num_clips)`` and the arguments ``(keypoints, crop_size,
-part_weights, num_clips)``. The torch CUDA op (``keyreid.kernels.cuda_op``) and
+num_clips, part_weights)`` (TensorRT's order: inputs, extra scalars, outputs). The torch CUDA op (``keyreid.kernels.cuda_op``) and
 ``benchmarks/gpu_check.py`` launch through here, so both exercise the plugin's path.
 """
 import ctypes
@@ -86,8 +86,8 @@ class FusedKernel:
             kernel_name(mode)                  # raises the message naming the valid modes
         (grid_x, grid_y, grid_z), (block_x, block_y, block_z), shared = launch_config(num_clips)
         # kernelParams: an array of pointers to each argument, which the driver copies at launch.
-        values = (ctypes.c_void_p(keypoints), ctypes.c_void_p(crop_size), ctypes.c_void_p(part_weights),
-                  ctypes.c_int32(num_clips))
+        values = (ctypes.c_void_p(keypoints), ctypes.c_void_p(crop_size), ctypes.c_int32(num_clips),
+                  ctypes.c_void_p(part_weights))
         parameters = (ctypes.c_void_p * len(values))(*(ctypes.addressof(value) for value in values))
         with self.current():
             cuda_call(driver.cuLaunchKernel(function, grid_x, grid_y, grid_z, block_x, block_y, block_z,

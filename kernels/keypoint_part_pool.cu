@@ -7,7 +7,9 @@
 // Entry points, one per heatmap mode (a TensorRT AOT plugin cannot carry the mode as an
 // attribute into the engine, so the mode is the choice of kernel):
 //   keypoint_part_pool_max, keypoint_part_pool_mean, keypoint_part_pool_blank
-//   (const float* keypoints, const float* crop_size, float* part_weights, int num_clips)
+//   (const float* keypoints, const float* crop_size, int num_clips, float* part_weights)
+// That is the order in which TensorRT hands an AOT plugin's kernel its arguments: the input
+// tensors, then the extra scalar arguments, then the output tensors.
 // Launch: grid (num_clips * KRP_BLOCKS_PER_CLIP, 1, 1), block (KRP_THREADS_PER_BLOCK, 1, 1),
 // KRP_DYNAMIC_SHARED_BYTES of dynamic shared memory. Every element of part_weights is written;
 // there are no atomics, so two launches on the same input agree bit for bit.
@@ -89,7 +91,7 @@ __device__ __forceinline__ void krp_pool_block(const float* __restrict__ keypoin
 #define KRP_ENTRY(name, mode)                                                               \
     extern "C" __global__ void __launch_bounds__(KRP_THREADS_PER_BLOCK, 1)                \
     name(const float* __restrict__ keypoints, const float* __restrict__ crop_size,          \
-         float* __restrict__ part_weights, int num_clips) {                                 \
+         int num_clips, float* __restrict__ part_weights) {                                 \
         krp_pool_block<mode>(keypoints, crop_size, part_weights, num_clips);                \
     }
 
@@ -112,15 +114,15 @@ extern "C" int keypoint_part_pool_launch(int mode, const float* keypoints, const
     switch (mode) {
         case KRP_MODE_MAX:
             keypoint_part_pool_max<<<grid, block, KRP_DYNAMIC_SHARED_BYTES, stream>>>(
-                keypoints, crop_size, part_weights, num_clips);
+                keypoints, crop_size, num_clips, part_weights);
             break;
         case KRP_MODE_MEAN:
             keypoint_part_pool_mean<<<grid, block, KRP_DYNAMIC_SHARED_BYTES, stream>>>(
-                keypoints, crop_size, part_weights, num_clips);
+                keypoints, crop_size, num_clips, part_weights);
             break;
         case KRP_MODE_BLANK:
             keypoint_part_pool_blank<<<grid, block, KRP_DYNAMIC_SHARED_BYTES, stream>>>(
-                keypoints, crop_size, part_weights, num_clips);
+                keypoints, crop_size, num_clips, part_weights);
             break;
         default:
             return cudaErrorInvalidValue;

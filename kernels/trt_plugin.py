@@ -9,12 +9,10 @@ plan, so the plan runs with no Python and no plugin library.
 
 TensorRT passes an AOT kernel its input tensors, then the extra scalar arguments, then the
 output tensors (``tensorrt.plugin.aot_impl``: extra args are "located after the tensor inputs and
-before the tensor outputs"). The fused kernel's entry points take ``(keypoints, crop_size,
-part_weights, num_clips)``, so :func:`in_tensorrt_order` moves ``num_clips`` before the output in
-the PTX entry's declaration (PTX parameters are named and the body reads them by name, so only
-the positions a launcher fills change). The result is checked against that order before it is
-handed over, so a kernel with any other signature fails the build with a sentence instead of
-writing garbage at run time.
+before the tensor outputs"), and the fused kernel's entry points are declared in that order:
+``(keypoints, crop_size, num_clips, part_weights)``. :func:`check_kernel_arguments` reads the
+compiled PTX's entry declaration before it is handed over, so a kernel with any other signature
+fails the build with a sentence instead of writing garbage at run time.
 
 Needs TensorRT >= 10.9 (JetPack 6's 10.3 has no ``tensorrt.plugin``; there the node's ONNX
 function is built instead: ``to_tensorrt.py --plugin none``). This module imports without
@@ -59,20 +57,6 @@ def check_kernel_arguments(ptx: str, kernel_name: str) -> None:
                            f"plugin's inputs, extra arguments, then outputs: ({wanted})")
 
 
-def in_tensorrt_order(ptx: str, kernel_name: str) -> str:
-    """``ptx`` with entry ``kernel_name``'s parameters declared in TensorRT's order: an entry
-    taking (inputs, output, num_clips) gets num_clips moved before the output; one already in
-    TensorRT's order is left as it is; anything else is refused."""
-    match = _entry_declarations(ptx, kernel_name)
-    declarations = [part.strip() for part in match.group(1).split(",")]
-    if entry_parameters(ptx, kernel_name) == ["b64", "b64", "b64", "b32"]:
-        keypoints, crop_size, part_weights, num_clips = declarations
-        declarations = [keypoints, crop_size, num_clips, part_weights]
-        ptx = ptx[:match.start(1)] + "\n\t" + ",\n\t".join(declarations) + "\n" + ptx[match.end(1):]
-    check_kernel_arguments(ptx, kernel_name)
-    return ptx
-
-
 def launch_geometry(num_clips) -> Dict[str, object]:
     """``cuda_build.launch_config`` as KernelLaunchParams keywords, in arithmetic that also works
     on TensorRT's symbolic batch size (launch_config itself wants an int)."""
@@ -104,7 +88,8 @@ def register_plugin(trtp, compute_capability: Tuple[int, int]) -> None:
                          ) -> Tuple[str, str, trtp.KernelLaunchParams, trtp.SymExprs]:
         num_clips = keypoints.shape_expr[0]          # symbolic: the engine's batch size
         kernel_name = cuda_build.kernel_name(mode)
-        ptx = in_tensorrt_order(cuda_build.compile_ptx(compute_capability), kernel_name)
+        ptx = cuda_build.compile_ptx(compute_capability)
+        check_kernel_arguments(ptx, kernel_name)
         launch = trtp.KernelLaunchParams(**launch_geometry(num_clips))
         extra_args = trtp.SymIntExprs(1)
         extra_args[0] = trtp.SymInt32(num_clips)

@@ -280,17 +280,9 @@ def test_ptx_entry_with_outputs_before_the_extra_argument_is_refused_as_is(two_o
         trt_plugin.check_kernel_arguments(two_order_ptx, "outputs_before_extra")
 
 
-def test_reordering_moves_the_extra_argument_before_the_output_and_keeps_the_names(two_order_ptx):
-    reordered = trt_plugin.in_tensorrt_order(two_order_ptx, "outputs_before_extra")
-    trt_plugin.check_kernel_arguments(reordered, "outputs_before_extra")
-    header = re.search(r"\.entry outputs_before_extra\((.*?)\)", reordered, re.S).group(1)
-    assert re.findall(r"_param_(\d)", header) == ["0", "1", "3", "2"]      # the body reads them by name
-    assert trt_plugin.in_tensorrt_order(two_order_ptx, "tensorrt_order") == two_order_ptx
-
-
 def test_missing_ptx_entry_is_refused(two_order_ptx):
     with pytest.raises(KeyreidError, match="no entry point keypoint_part_pool_max"):
-        trt_plugin.in_tensorrt_order(two_order_ptx, "keypoint_part_pool_max")
+        trt_plugin.check_kernel_arguments(two_order_ptx, "keypoint_part_pool_max")
 
 
 def _assemble(ptx: str, folder: Path, arch: str) -> str:
@@ -312,10 +304,10 @@ def test_fused_kernel_ptx_has_the_entry_and_arguments_the_plugin_hands_over(mode
     except KeyreidError as exc:
         pytest.skip(f"no CUDA compiler here: {exc}")
     name = cuda_build.kernel_name(mode)
-    handed_over = trt_plugin.in_tensorrt_order(ptx, name)
-    assert trt_plugin.entry_parameters(handed_over, name) == ["b64", "b64", "b32", "b64"]
+    trt_plugin.check_kernel_arguments(ptx, name)       # handed over as compiled, no rewriting
+    assert trt_plugin.entry_parameters(ptx, name) == ["b64", "b64", "b32", "b64"]
     if shutil.which("nvcc"):
-        assert f"Compiling entry function '{name}' for 'sm_87'" in _assemble(handed_over, tmp_path, "sm_87")
+        assert f"Compiling entry function '{name}' for 'sm_87'" in _assemble(ptx, tmp_path, "sm_87")
 
 
 # --- the ONNX graphs TensorRT parses --------------------------------------------------------
