@@ -13,6 +13,9 @@ _EXTRAS = {
     "cv2": ("runtime", "image decoding"),
     "tensorrt": ("gpu", "building and running TensorRT engines"),
     "cuda.bindings.runtime": ("gpu", "running TensorRT engines"),
+    "tritonclient.grpc": ("triton", "Triton Inference Server engines and model repositories"),
+    "tritonclient.http": ("triton", "Triton Inference Server engines over HTTP"),
+    "pytriton.triton": ("triton-server", "serving an engine through PyTriton's bundled Triton server"),
 }
 
 

@@ -21,7 +21,7 @@ from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.cli_args import add_engine_arguments, engine_options, positive_int
+from keyreid.runtime.cli_args import add_engine_arguments, engine_location, engine_options, positive_int
 from keyreid.runtime.engines import Engine, check_camera, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
@@ -67,9 +67,9 @@ def optional_float(text: str) -> Optional[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compare.py", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", type=Path, action="append", required=True, metavar="FILE",
+    parser.add_argument("--engine", type=engine_location, action="append", required=True, metavar="FILE|URL",
                         help="engine under test; give it twice to compare two engines "
-                             "(.onnx, .plan/.engine/.trt)")
+                             "(.onnx, .plan/.engine/.trt, grpc://HOST:PORT/MODEL, http://HOST:PORT/MODEL)")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="compare against the reference model of this checkpoint instead")
     parser.add_argument("--heatmap-mode", choices=HEATMAP_MODES,

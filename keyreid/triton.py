@@ -1,0 +1,65 @@
+"""What the Triton model repository (export) and the Triton engine (runtime) both need to agree on.
+
+Triton names element types in two spellings: ``TYPE_UINT8`` in ``config.pbtxt`` and ``UINT8`` on
+the wire and in model metadata. The model's own description (heatmap mode, cameras, embedding
+length, ...) travels as string ``parameters`` in the model configuration, under the same keys
+as the ONNX file's metadata_props, so an engine reads the same facts from either source.
+"""
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+
+from keyreid.errors import KeyreidError
+
+# The element types of the contract (SPEC section 6), by their Triton wire names.
+TRITON_DATATYPES = {
+    np.dtype(np.uint8): "UINT8",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.int32): "INT32",
+}
+NUMPY_DATATYPES = {name: dtype for dtype, name in TRITON_DATATYPES.items()}
+
+URL_SCHEMES = ("grpc", "http", "https")
+DEFAULT_MODEL_NAME = "keyreid"
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "https": 443}
+
+
+def wire_dims(shape) -> tuple:
+    """The per-clip dims of a contract shape as Triton carries them. Triton needs at least one dim
+    per batch item, so a per-clip scalar (``camera``, shape [N]) travels as [N, 1]; config.pbtxt
+    reshapes it back to [N] for the model (``reshape: { shape: [ ] }``)."""
+    return tuple(shape[1:]) or (1,)
+
+
+def config_datatype(dtype: np.dtype) -> str:
+    """``np.uint8`` -> ``TYPE_UINT8`` (config.pbtxt spelling)."""
+    return "TYPE_" + TRITON_DATATYPES[np.dtype(dtype)]
+
+
+def is_triton_url(location: object) -> bool:
+    """True for ``grpc://...``, ``http://...`` and ``https://...`` engine locations."""
+    return isinstance(location, str) and location.split("://", 1)[0].lower() in URL_SCHEMES and "://" in location
+
+
+def parameters_from_config(config: Mapping) -> Dict[str, str]:
+    """The string parameters of a model configuration in Triton's JSON form
+    (``{"parameters": {"heatmap_mode": {"string_value": "max"}, ...}}``)."""
+    parameters = config.get("parameters") or {}
+    return {key: str(value.get("string_value", "")) for key, value in parameters.items()
+            if isinstance(value, Mapping)}
+
+
+def positive_int_parameter(parameters: Mapping[str, str], key: str, source: object) -> Optional[int]:
+    """An integer parameter that must be at least 1 (``num_cameras``); None when absent."""
+    value = parameters.get(key)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise KeyreidError(f"{source}: {key}={value!r} is not a positive integer")
+    return number
