@@ -24,6 +24,17 @@ NUMPY_DATATYPES = {name: dtype for dtype, name in TRITON_DATATYPES.items()}
 URL_SCHEMES = ("grpc", "http", "https")
 DEFAULT_MODEL_NAME = "keyreid"
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000, "https": 443}
+DEFAULT_MAX_BATCH = 8            # clips per server-side batch when nothing else says
+DEFAULT_QUEUE_DELAY_US = 2000    # longest a request waits on the server for a fuller batch
+
+
+def preferred_batch_sizes(max_batch: int, optimal_batch: "int | None" = None) -> list:
+    """The dynamic batcher's preferred sizes: the largest batch, and the size the engine was
+    optimised for (a TensorRT plan's opt profile) when that is smaller."""
+    sizes = {max_batch}
+    if optimal_batch is not None and 1 <= optimal_batch < max_batch:
+        sizes.add(optimal_batch)
+    return sorted(sizes)
 
 
 def wire_dims(shape) -> tuple:

@@ -34,10 +34,9 @@ from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.cli_args import add_engine_arguments, engine_location, engine_options, positive_int
 from keyreid.runtime.engines import Engine, open_engine
-from keyreid.triton import DEFAULT_MODEL_NAME, DEFAULT_PORTS, wire_dims
+from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS, DEFAULT_QUEUE_DELAY_US,
+                            preferred_batch_sizes, wire_dims)
 
-DEFAULT_MAX_BATCH = 8
-DEFAULT_QUEUE_DELAY_US = 2000
 EXIT_TIMEOUT_S = 5          # longest the server waits for in-flight requests when stopping
 
 
@@ -99,9 +98,8 @@ def triton_server(engine: Engine, *, name: str = DEFAULT_MODEL_NAME, host: str =
         http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
         allow_metrics=False, log_verbose=1 if verbose else 0, exit_on_error=True,
         exit_timeout_secs=EXIT_TIMEOUT_S)
-    preferred = sorted({max(1, max_batch // 2), max_batch})
     model_config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(
-        max_queue_delay_microseconds=max_queue_delay_us, preferred_batch_size=preferred))
+        max_queue_delay_microseconds=max_queue_delay_us, preferred_batch_size=preferred_batch_sizes(max_batch)))
     server = pytriton.Triton(config=config, workspace=workspace)
     try:
         server.bind(model_name=name, infer_func=infer, inputs=tensors(engine.input_specs),
