@@ -63,7 +63,8 @@ def _python_library_first() -> Iterator[None]:
 def triton_server(engine: Engine, *, name: str = DEFAULT_MODEL_NAME, host: str = "127.0.0.1",
                   grpc_port: int = DEFAULT_PORTS["grpc"], http_port: int = DEFAULT_PORTS["http"],
                   max_batch: int = DEFAULT_MAX_BATCH, max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
-                  workspace: Optional[Path] = None, verbose: bool = False) -> Iterator[object]:
+                  workspace: Optional[Path] = None, access_token: Optional[str] = None,
+                  verbose: bool = False) -> Iterator[object]:
     """Run a Triton server for the active ``engine`` while the with-block lasts; stop it after.
 
     Args:
@@ -74,7 +75,10 @@ def triton_server(engine: Engine, *, name: str = DEFAULT_MODEL_NAME, host: str =
         max_batch: the model's ``max_batch_size``: most clips the server puts in one batch.
         max_queue_delay_us: longest a request waits on the server for a fuller batch.
         workspace: PyTriton's folder for sockets and the generated model store (default: a
-            temporary folder it removes).
+            temporary folder it removes); it must not exist yet.
+        access_token: the token that unlocks the server's administrative endpoints (statistics,
+            model repository, logging), sent as the ``triton-access-token`` header; default a
+            random one that nobody is told, which keeps them locked.
         verbose: pass the server's own log through.
 
     Yields PyTriton's ``Triton`` object.
@@ -100,7 +104,8 @@ def triton_server(engine: Engine, *, name: str = DEFAULT_MODEL_NAME, host: str =
         exit_timeout_secs=EXIT_TIMEOUT_S)
     model_config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(
         max_queue_delay_microseconds=max_queue_delay_us, preferred_batch_size=preferred_batch_sizes(max_batch)))
-    server = pytriton.Triton(config=config, workspace=workspace)
+    security = pytriton.TritonSecurityConfig(access_token=access_token)
+    server = pytriton.Triton(config=config, workspace=workspace, security_config=security)
     try:
         server.bind(model_name=name, infer_func=infer, inputs=tensors(engine.input_specs),
                     outputs=tensors(engine.output_specs), config=model_config, strict=True)
