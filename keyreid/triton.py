@@ -5,11 +5,9 @@ the wire and in model metadata. The model's own description (heatmap mode, camer
 length, ...) travels as string ``parameters`` in the model configuration, under the same keys
 as the ONNX file's metadata_props, so an engine reads the same facts from either source.
 """
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import numpy as np
-
-from keyreid.errors import KeyreidError
 
 # The element types of the contract (SPEC section 6), by their Triton wire names.
 TRITON_DATATYPES = {
@@ -61,16 +59,3 @@ def parameters_from_config(config: Mapping) -> Dict[str, str]:
     return {key: str(value.get("string_value", "")) for key, value in parameters.items()
             if isinstance(value, Mapping)}
 
-
-def positive_int_parameter(parameters: Mapping[str, str], key: str, source: object) -> Optional[int]:
-    """An integer parameter that must be at least 1 (``num_cameras``); None when absent."""
-    value = parameters.get(key)
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise KeyreidError(f"{source}: {key}={value!r} is not a positive integer")
-    return number

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -23,9 +23,9 @@ import numpy as np
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.contract import INPUTS
-from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io
+from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, metadata_num_cameras
 from keyreid.triton import (DEFAULT_PORTS, NUMPY_DATATYPES, TRITON_DATATYPES, URL_SCHEMES,
-                            parameters_from_config, positive_int_parameter, wire_dims)
+                            parameters_from_config, wire_dims)
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 3
@@ -165,6 +165,13 @@ class TritonEngine(Engine):
     # --- the engine hooks ---------------------------------------------------------------
     def activate_impl(self) -> EngineInfo:
         self._module = require(f"tritonclient.{self.location.protocol}")
+        try:
+            return self._connect()
+        except BaseException:
+            self.deactivate_impl()    # close the connections a failed activation opened
+            raise
+
+    def _connect(self) -> EngineInfo:
         location = self.location
         if not self._call("checking the server", lambda c: c.is_server_live(**self._options())):
             raise KeyreidError(f"{self.path}: Triton server at {location.server} is not live")
@@ -173,7 +180,7 @@ class TritonEngine(Engine):
         if not ready:
             raise KeyreidError(f"{self.path}: model '{location.model}'"
                                + (f" version {location.version}" if location.version else "")
-                               + f" is not ready on the server; it serves {self._served_models()}")
+                               + " is not ready on the server" + self._served_models())
         metadata = self._call("reading the model metadata", lambda c: c.get_model_metadata(
             location.model, location.version, **self._options(as_json=True)))
         config = self._call("reading the model configuration", lambda c: c.get_model_config(
@@ -185,7 +192,7 @@ class TritonEngine(Engine):
             self.path, [_found_tensor(entry, _SCALAR_INPUTS) for entry in metadata.get("inputs", [])],
             [_found_tensor(entry) for entry in metadata.get("outputs", [])])
         parameters = parameters_from_config(config)
-        num_cameras = positive_int_parameter(parameters, "num_cameras", self.path)
+        num_cameras = metadata_num_cameras(parameters, self.path)
         max_batch = self._max_batch
         if server_max_batch > 0:
             if max_batch is not None and max_batch > server_max_batch:
@@ -196,14 +203,15 @@ class TritonEngine(Engine):
         return EngineInfo(input_specs, output_specs, max_batch, num_cameras, parameters)
 
     def _served_models(self) -> str:
+        """``"; it has: a (ready), b (unavailable)"`` where the server lets us list its models."""
         try:
             index = self._call("listing the models", lambda c: c.get_model_repository_index(
                 **self._options(as_json=True)), retries=0)
-        except KeyreidError:
-            return "(the model list could not be read)"
-        index = index.get("models", index) if isinstance(index, dict) else index
-        ready = [f"{entry['name']} ({entry.get('state', 'unknown').lower() or 'unknown'})" for entry in index]
-        return ", ".join(ready) or "no models"
+        except KeyreidError:   # the model-repository endpoint may be locked (PyTriton locks it)
+            return ""
+        index = index.get("models", []) if isinstance(index, dict) else index
+        described = [f"{entry.get('name')} ({(entry.get('state') or 'unknown').lower()})" for entry in index]
+        return "; it has: " + (", ".join(described) or "no models")
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         module, location = self._module, self.location

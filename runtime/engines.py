@@ -182,6 +182,21 @@ def check_camera(camera: int, num_cameras: Optional[int]) -> Optional[str]:
     return None
 
 
+def metadata_num_cameras(metadata: Mapping[str, str], source: object) -> Optional[int]:
+    """The ``num_cameras`` a model states about itself (ONNX metadata_props, Triton parameters);
+    None when it does not say."""
+    value = metadata.get("num_cameras")
+    if value is None:
+        return None
+    try:
+        num_cameras = int(value)
+    except ValueError:
+        num_cameras = 0
+    if num_cameras < 1:
+        raise KeyreidError(f"{source}: metadata num_cameras={value!r} is not a positive integer")
+    return num_cameras
+
+
 def check_model_file(path: Path) -> Path:
     """Fail early, with the file's name, on a path that cannot hold a model."""
     if not path.exists():

@@ -32,7 +32,7 @@ import numpy as np
 from keyreid.cli import run_main
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.cli_args import add_engine_arguments, engine_location, engine_options, positive_int
+from keyreid.runtime.cli_args import add_engine_arguments, engine_options, positive_int
 from keyreid.runtime.engines import Engine, open_engine
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS, DEFAULT_QUEUE_DELAY_US,
                             preferred_batch_sizes, wire_dims)
@@ -123,12 +123,19 @@ def triton_server(engine: Engine, *, name: str = DEFAULT_MODEL_NAME, host: str =
         server.stop()
 
 
+DESCRIPTION = """\
+Serve a keyreid engine file through Triton Inference Server (the tritonserver that the
+nvidia-pytriton wheel bundles), over gRPC and HTTP/REST, with dynamic batching on the server.
+The engine runs in this process; clients connect as to any Triton server:
+  python runtime/infer.py --engine grpc://HOST:GRPC_PORT/NAME --tracklets DIR --output OUT.npz
+For a Triton container, write a model repository with export/to_triton.py instead."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="serve_triton.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n", 2)[2].split("\n\nThe bundled")[0],
-        epilog="Stop it with Ctrl-C. Clients: python runtime/infer.py --engine grpc://HOST:PORT/NAME ...")
-    parser.add_argument("--engine", type=engine_location, required=True, metavar="FILE",
+        prog="serve_triton.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
+        epilog="Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).")
+    parser.add_argument("--engine", type=Path, required=True, metavar="FILE",
                         help="the model to serve: .onnx or .plan/.engine/.trt")
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name on the server (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -146,12 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    max_batch = args.max_batch or DEFAULT_MAX_BATCH
-    options = engine_options(args, args.engine)
-    options.pop("max_batch", None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with open_engine(args.engine, **options) as engine:
+    with open_engine(args.engine, **engine_options(args, args.engine)) as engine:
+        max_batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH
         with triton_server(engine, name=args.name, host=args.host, grpc_port=args.grpc_port,
                            http_port=args.http_port, max_batch=max_batch,
                            max_queue_delay_us=args.max_queue_delay_us, verbose=args.verbose):
