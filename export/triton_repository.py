@@ -20,7 +20,7 @@ from typing import List, Mapping, Optional, Sequence
 import numpy as np
 
 from keyreid import __version__
-from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, INPUTS, TensorSpec
+from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, INPUTS, TensorSpec, output_specs
 from keyreid.errors import KeyreidError
 from keyreid.files import copy_file, write_bytes
 from keyreid.lazy import require
@@ -98,8 +98,6 @@ def describe_onnx(path: Path) -> ModelDescription:
 
 def describe_plan(path: Path) -> ModelDescription:
     """A TensorRT plan is described by its sidecar (reading the plan itself needs TensorRT and a GPU)."""
-    from keyreid.contract import output_specs
-
     sidecar = read_plan_sidecar(path)
     metadata = {str(key): str(value) for key, value in sidecar["onnx_metadata"].items()}
     try:
@@ -204,7 +202,7 @@ def parse_config(text: str, source: object = "config.pbtxt"):
         raise KeyreidError(f"{source}: not a valid Triton model configuration: {exc}") from exc
 
 
-def validate_config(text: str, output_specs: Sequence[TensorSpec], source: object = "config.pbtxt"):
+def validate_config(text: str, expected_outputs: Sequence[TensorSpec], source: object = "config.pbtxt"):
     """Parse ``text`` and list every way it differs from what a keyreid model needs."""
     config = parse_config(text, source)
     type_name = require("tritonclient.grpc").model_config_pb2.DataType.Name
@@ -213,7 +211,7 @@ def validate_config(text: str, output_specs: Sequence[TensorSpec], source: objec
         problems.append(f"platform {config.platform!r} is not one of {', '.join(PLATFORMS.values())}")
     if config.max_batch_size < 1:
         problems.append("max_batch_size must be at least 1 (the batch axis N is implicit)")
-    for kind, found, expected in (("input", config.input, INPUTS), ("output", config.output, output_specs)):
+    for kind, found, expected in (("input", config.input, INPUTS), ("output", config.output, expected_outputs)):
         found_by_name = {tensor.name: tensor for tensor in found}
         if set(found_by_name) != {spec.name for spec in expected}:
             problems.append(f"{kind}s are {sorted(found_by_name)}; the contract has {sorted(s.name for s in expected)}")
@@ -260,8 +258,11 @@ def write_repository(description: ModelDescription, repository: Path, options: R
     if model_file.exists() and model_file.resolve() == description.path.resolve():
         raise KeyreidError(f"{description.path} is already the repository's model file; "
                            "export it somewhere else first, or give another --repository")
-    model_file.parent.mkdir(parents=True, exist_ok=True)
-    (model_dir / "warmup").mkdir(exist_ok=True)
+    try:
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / "warmup").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise KeyreidError(f"cannot create the repository folders under {repository}: {exc.strerror or exc}") from exc
     step(f"copying {description.path.name} to {model_file}")
     copy_file(description.path, model_file)
     if description.kind == "plan":
