@@ -15,6 +15,11 @@ RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8", "onnxruntime>=1.17"]
 # Any recent torch works; the README pins the CPU build for CPU-only machines.
 EXPORT = ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.1"]
 TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10"]
+# The Triton client (engine grpc:// and http://) and Triton's ModelConfig protobuf (repository checks).
+TRITON = ["tritonclient[grpc,http]>=2.40"]
+# PyTriton bundles a CPU-capable tritonserver (Linux x86_64/aarch64, glibc >= 2.35, about 190 MB
+# installed); runtime/serve_triton.py and the loopback tests run on it. It pins numpy < 2.
+TRITON_SERVER = TRITON + ['nvidia-pytriton>=0.5; platform_system == "Linux" and platform_machine in "x86_64 aarch64"']
 
 setup(
     name="keyreid",
@@ -37,7 +42,9 @@ setup(
         "runtime": [],
         "mars": ["scipy>=1.10"],    # reads MARS's info/*.mat files
         "export": EXPORT,
-        "test": EXPORT + TEST,
+        "triton": TRITON,
+        "triton-server": TRITON_SERVER,
+        "test": EXPORT + TEST + TRITON_SERVER,
         "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10", "cuda-python>=12"],
     },
 )

@@ -8,9 +8,10 @@ truncated one. The temporary name starts with a dot and ends in ``.partial`` (gi
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, BinaryIO, Callable, Mapping, Union
 
 import numpy as np
 
@@ -33,8 +34,18 @@ def check_writable(path: PathLike, what: str = "output") -> Path:
     return path
 
 
-def write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (same-directory temporary file, then rename)."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Mode of the files written here: what open() would give, not tempfile's private 0600.
+FILE_MODE = 0o666 & ~_umask()
+
+
+def _write_whole(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(handle)`` on a same-directory temporary file, then rename it to ``path``."""
     path = Path(path)
     try:
         handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
@@ -44,8 +55,9 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
     partial = Path(handle.name)
     try:
         with handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(partial, path)
     except OSError as exc:
@@ -54,6 +66,20 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
         if partial.exists():
             partial.unlink()
     return path
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (same-directory temporary file, then rename)."""
+    return _write_whole(path, lambda handle: handle.write(data))
+
+
+def copy_file(source: PathLike, path: PathLike) -> Path:
+    """Copy ``source`` to ``path`` atomically, streaming (model files can be gigabytes)."""
+    try:
+        with open(source, "rb") as reader:
+            return _write_whole(path, lambda handle: shutil.copyfileobj(reader, handle, 16 << 20))
+    except OSError as exc:
+        raise KeyreidError(f"cannot read {source}: {exc.strerror or exc}") from exc
 
 
 def write_npz(path: PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

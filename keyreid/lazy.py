@@ -14,6 +14,9 @@ _EXTRAS = {
     "tensorrt": ("gpu", "building and running TensorRT engines"),
     "cuda.bindings.runtime": ("gpu", "running TensorRT engines"),
     "cuda.bindings.driver": ("gpu", "the fused CUDA KeypointPartPool kernel"),
+    "tritonclient.grpc": ("triton", "Triton Inference Server engines and model repositories"),
+    "tritonclient.http": ("triton", "Triton Inference Server engines over HTTP"),
+    "pytriton.triton": ("triton-server", "serving an engine through PyTriton's bundled Triton server"),
 }
 
 

@@ -5,10 +5,14 @@ live here once, and turn into keyword arguments for ``open_engine`` and ``Runner
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Union
 
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import ONNX_SUFFIXES
+from keyreid.triton import is_triton_url
+
+ENGINE_HELP = ("model to run: .onnx (ONNX Runtime), .plan/.engine/.trt (TensorRT), or "
+               "grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL (a Triton Inference Server)")
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -41,6 +45,18 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def engine_location(text: str) -> Union[str, Path]:
+    """An engine file as a Path, a Triton server address kept as the string it is."""
+    return text if is_triton_url(text) else Path(text)
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value
+
+
 def parse_providers(text: str) -> List[str]:
     """``"cuda,cpu"`` -> ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; full names pass."""
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -66,6 +82,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                             "ONNX metadata, or the TensorRT plan's sidecar)")
     group.add_argument("--plugin", type=Path, action="append", default=[], metavar="LIB",
                        help="TensorRT plugin library to load first (repeatable). TensorRT engines only")
+    group.add_argument("--timeout", type=positive_float, metavar="S",
+                       help="longest wait for one request to the server, in seconds (default: 60); "
+                            "requests the server cannot take are retried 3 times. Triton engines only")
     return group
 
 
@@ -83,13 +102,22 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return group
 
 
-def engine_options(args: argparse.Namespace, engine_path: Path) -> Dict[str, object]:
+def engine_options(args: argparse.Namespace, engine_path: Union[str, Path]) -> Dict[str, object]:
     """Keyword arguments for ``open_engine(engine_path, ...)`` from the parsed options."""
-    is_onnx = Path(engine_path).suffix.lower() in ONNX_SUFFIXES
     options: Dict[str, object] = {}
     if args.num_cameras is not None:
         options["num_cameras"] = args.num_cameras
-    if is_onnx:
+    if is_triton_url(engine_path):
+        for flag, value in (("--providers", args.providers), ("--threads", args.threads),
+                            ("--plugin", args.plugin)):
+            if value:
+                raise KeyreidError(f"{flag} is for local engines; {engine_path} is a Triton server")
+        if args.timeout is not None:
+            options["timeout_s"] = args.timeout
+        return options
+    if args.timeout is not None:
+        raise KeyreidError(f"--timeout is for Triton engines; {engine_path} is a local file")
+    if Path(engine_path).suffix.lower() in ONNX_SUFFIXES:
         if args.plugin:
             raise KeyreidError(f"--plugin is for TensorRT engines; {engine_path} is an ONNX model")
         if args.providers is not None:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.cli_args import add_engine_arguments, engine_options, positive_int
+from keyreid.runtime.cli_args import add_engine_arguments, engine_location, engine_options, positive_int
 from keyreid.runtime.engines import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Engine, check_camera, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
@@ -68,9 +68,9 @@ def optional_float(text: str) -> Optional[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compare.py", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", type=Path, action="append", required=True, metavar="FILE",
+    parser.add_argument("--engine", type=engine_location, action="append", required=True, metavar="FILE|URL",
                         help="engine under test; give it twice to compare two engines "
-                             "(.onnx, .plan/.engine/.trt)")
+                             "(.onnx, .plan/.engine/.trt, grpc://HOST:PORT/MODEL, http://HOST:PORT/MODEL)")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="compare against the reference model of this checkpoint instead")
     parser.add_argument("--heatmap-mode", choices=HEATMAP_MODES,
@@ -206,11 +206,12 @@ def compare(actual: Dict[str, np.ndarray], expected: Dict[str, np.ndarray],
         raise KeyreidError(f"the outputs cannot be compared: {exc}") from exc
 
 
-def check_plan_sources(engines: Sequence[Path]) -> None:
+def check_plan_sources(engines: Sequence[Union[str, Path]]) -> None:
     """A TensorRT plan compared with an ONNX file must have been built from that file: say so
     before spending minutes on two engines that were never meant to agree."""
-    plans = [path for path in engines if path.suffix.lower() in TENSORRT_SUFFIXES]
-    models = [path for path in engines if path.suffix.lower() in ONNX_SUFFIXES]
+    files = [engine for engine in engines if isinstance(engine, Path)]     # not Triton addresses
+    plans = [path for path in files if path.suffix.lower() in TENSORRT_SUFFIXES]
+    models = [path for path in files if path.suffix.lower() in ONNX_SUFFIXES]
     if len(plans) == 1 and len(models) == 1:
         check_built_from(plans[0], read_sidecar(plans[0]), models[0])
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
+from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras
 
 # Most preferred first; only the ones onnxruntime reports as available are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -103,24 +103,11 @@ class OrtEngine(Engine):
         input_specs, output_specs = check_io(
             self.path, [_found_tensor(arg) for arg in session.get_inputs()],
             [_found_tensor(arg) for arg in session.get_outputs()])
-        num_cameras = self._metadata_num_cameras(session)
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        num_cameras = metadata_num_cameras(metadata, self.path)
         self._session = session
         self._output_names = [spec.name for spec in output_specs]
-        metadata = dict(session.get_modelmeta().custom_metadata_map)
         return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras, metadata)
-
-    def _metadata_num_cameras(self, session) -> Optional[int]:
-        """The exporter writes ``num_cameras`` into metadata_props; absent means unknown."""
-        value = session.get_modelmeta().custom_metadata_map.get("num_cameras")
-        if value is None:
-            return None
-        try:
-            num_cameras = int(value)
-        except ValueError:
-            num_cameras = 0
-        if num_cameras < 1:
-            raise KeyreidError(f"{self.path}: metadata num_cameras={value!r} is not a positive integer")
-        return num_cameras
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         arrays = self._session.run(self._output_names, feed)

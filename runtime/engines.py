@@ -19,6 +19,7 @@ import numpy as np
 
 from keyreid.contract import INPUTS, NUM_PARTS, CLIP_FRAMES, MEAN_CAMERA, TensorSpec, output_specs
 from keyreid.errors import KeyreidError
+from keyreid.triton import is_triton_url
 
 ONNX_SUFFIXES = (".onnx",)
 TENSORRT_SUFFIXES = (".plan", ".engine", ".trt")
@@ -181,6 +182,21 @@ def check_camera(camera: int, num_cameras: Optional[int]) -> Optional[str]:
     return None
 
 
+def metadata_num_cameras(metadata: Mapping[str, str], source: object) -> Optional[int]:
+    """The ``num_cameras`` a model states about itself (ONNX metadata_props, Triton parameters);
+    None when it does not say."""
+    value = metadata.get("num_cameras")
+    if value is None:
+        return None
+    try:
+        num_cameras = int(value)
+    except ValueError:
+        num_cameras = 0
+    if num_cameras < 1:
+        raise KeyreidError(f"{source}: metadata num_cameras={value!r} is not a positive integer")
+    return num_cameras
+
+
 def check_model_file(path: Path) -> Path:
     """Fail early, with the file's name, on a path that cannot hold a model."""
     if not path.exists():
@@ -301,13 +317,17 @@ class Engine:
 
 
 def open_engine(path: "str | Path", **options) -> Engine:
-    """Return an (inactive) engine for ``path``, chosen by the file suffix.
+    """Return an (inactive) engine for ``path``, chosen by the file suffix or the URL scheme.
 
     ``.onnx`` runs on ONNX Runtime (:class:`~keyreid.runtime.engine_ort.OrtEngine`); ``.plan``,
-    ``.engine`` and ``.trt`` are TensorRT engines (:class:`~keyreid.runtime.engine_trt.TrtEngine`).
-    ``options`` go to that class. Activate it with a with-block, ``activate()`` or by handing
-    it to a Runner.
+    ``.engine`` and ``.trt`` are TensorRT engines (:class:`~keyreid.runtime.engine_trt.TrtEngine`);
+    ``grpc://HOST:PORT/MODEL`` and ``http(s)://...`` are models on a Triton Inference Server
+    (:class:`~keyreid.runtime.engine_triton.TritonEngine`). ``options`` go to that class.
+    Activate it with a with-block, ``activate()`` or by handing it to a Runner.
     """
+    if is_triton_url(path):
+        from keyreid.runtime.engine_triton import TritonEngine
+        return TritonEngine(path, **options)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in ONNX_SUFFIXES + TENSORRT_SUFFIXES:

@@ -18,7 +18,8 @@ import numpy as np
 from keyreid.cli import Steps, run_main
 from keyreid.contract import MEAN_CAMERA
 from keyreid.errors import KeyreidError
-from keyreid.runtime.cli_args import add_engine_arguments, add_runner_arguments, engine_options, runner_options
+from keyreid.runtime.cli_args import (ENGINE_HELP, add_engine_arguments, add_runner_arguments, engine_location,
+                                      engine_options, runner_options)
 from keyreid.runtime.engines import check_camera, open_engine
 from keyreid.runtime.pipeline import (Progress, QueryGalleryResult, TrackletRun, clip_loader,
                                       evaluate_query_gallery, run_tracklets, total_clips)
@@ -28,7 +29,8 @@ from keyreid.runtime.runner import Runner
 from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, discover_tracklets
 
 DESCRIPTION = """\
-Run a KeyRe-ID engine (.onnx on ONNX Runtime, .plan/.engine/.trt on TensorRT) over tracklets:
+Run a KeyRe-ID engine (.onnx on ONNX Runtime, .plan/.engine/.trt on TensorRT, or a model on a
+Triton Inference Server at grpc://HOST:PORT/MODEL) over tracklets:
 each tracklet is cut into clips of 4 frames (the last one cycling its own frames, at most the
 first 41 clips), every clip is embedded, and the tracklet's feature is the mean of its clips'
 embeddings. Frames are decoded on worker threads while the engine runs batches.
@@ -79,8 +81,7 @@ MAX_LISTED_FAILURES = 5
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infer.py", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", type=Path, required=True, metavar="FILE",
-                        help="model to run: .onnx (ONNX Runtime) or .plan/.engine/.trt (TensorRT)")
+    parser.add_argument("--engine", type=engine_location, required=True, metavar="FILE|URL", help=ENGINE_HELP)
     modes = parser.add_mutually_exclusive_group(required=True)
     modes.add_argument("--tracklets", type=Path, metavar="DIR", help="folder of tracklet folders to embed")
     modes.add_argument("--dataset", choices=("mars",), help="evaluate on a dataset's test split")
