@@ -13,6 +13,7 @@ _EXTRAS = {
     "cv2": ("runtime", "image decoding"),
     "tensorrt": ("gpu", "building and running TensorRT engines"),
     "cuda.bindings.runtime": ("gpu", "running TensorRT engines"),
+    "faiss": ("gallery", "FAISS gallery search"),
 }
 
 
