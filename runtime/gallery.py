@@ -77,8 +77,7 @@ class Gallery:
         if int(dim) < 1:
             raise KeyreidError(f"a gallery's feature length must be positive, got {dim}")
         self.dim = int(dim)
-        self.backend = backend
-        self._index = make_index(backend, **index_options)
+        self.use_backend(backend, **index_options)
         self._features = np.empty((max(1, capacity), self.dim), np.float32)
         self._ids = np.empty(0, np.int64)
         self._cameras = np.empty(0, np.int64)
@@ -88,6 +87,16 @@ class Gallery:
         self._label_names: List[str] = []
         self._names: List[str] = []
         self._next_id = 0
+
+    def use_backend(self, backend: str, **index_options) -> None:
+        """Search with another index from now on (built at the next search); the entries stay."""
+        self._index = make_index(backend, **index_options)
+        self.backend = backend
+
+    @property
+    def index_bytes(self) -> int:
+        """Memory the search index holds besides the features (a FAISS index keeps a copy)."""
+        return self._index.memory_bytes
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -111,7 +120,7 @@ class Gallery:
                                f"feature length), got {array.dtype} {list(array.shape)}")
         if count is not None and len(array) != count:
             raise KeyreidError(f"{len(array)} features but {count} cameras")
-        array = array.astype(np.float32)
+        array = array.astype(np.float32, copy=False)
         if not np.isfinite(array).all():
             raise KeyreidError("features contain NaN or infinity; the embedding is broken")
         return array

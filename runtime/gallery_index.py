@@ -26,7 +26,8 @@ from keyreid.lazy import require
 
 BACKENDS = ("numpy", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 DEFAULT_BACKEND = "numpy"
-# IVF trains k-means on at most this many points per cell (FAISS's own advice is 39 to 256).
+# IVF trains k-means on 39 to 64 points per cell (FAISS warns below 39, and gains little above).
+IVF_MIN_POINTS_PER_CELL = 39
 IVF_TRAINING_POINTS_PER_CELL = 64
 
 Hits = Tuple[np.ndarray, np.ndarray]    # rows [k] int64, squared distances [k] float32
@@ -53,6 +54,11 @@ class NumpyIndex:
 
     def invalidate(self) -> None:
         self._norms = np.zeros(0, np.float32)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Memory the index holds besides the gallery's features."""
+        return self._norms.nbytes
 
     def sync(self, features: np.ndarray) -> None:
         have = len(self._norms)
@@ -86,6 +92,20 @@ class FaissIndex:
     def invalidate(self) -> None:
         self._index = None
 
+    @property
+    def memory_bytes(self) -> int:
+        """Memory the index holds (its own copy of the features, cells or graph links)."""
+        index = self._index
+        if index is None:
+            return 0
+        vectors = index.ntotal * index.d * 4
+        if self.name == "faiss-ivf":
+            return vectors + index.ntotal * 8 + index.nlist * index.d * 4       # + ids, centroids
+        if self.name == "faiss-hnsw":
+            graph = index.hnsw
+            return vectors + graph.neighbors.size() * 4 + graph.levels.size() * 4 + graph.offsets.size() * 8
+        return vectors
+
     def _build(self, features: np.ndarray):
         faiss, dim = self._faiss, features.shape[1]
         if self.name == "faiss-flat":
@@ -95,7 +115,7 @@ class FaissIndex:
             index.hnsw.efSearch = self.ef_search
             return index
         # IVF: cells from k-means on a sample of the current rows (at least one row per cell).
-        nlist = self.nlist or max(1, int(4 * np.sqrt(len(features))))
+        nlist = self.nlist or max(1, min(int(4 * np.sqrt(len(features))), len(features) // IVF_MIN_POINTS_PER_CELL))
         nlist = min(nlist, len(features))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
         sample = features

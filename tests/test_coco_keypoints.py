@@ -1,6 +1,8 @@
 """COCO keypoint-results JSON as a tracklet folder's pose source: matching detections to frames,
 picking the tracked person among several, and the same model input as .pose files."""
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +131,12 @@ def test_huge_coco_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
     path.write_text("[" + " " * 20 + "]")
     with pytest.raises(KeyreidError, match="larger than"):
         read_coco_keypoints(path, ["000000.png"])
+
+
+def test_readme_example_file_picks_the_tracked_person_over_the_passer_by(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Keypoints from common pose tools"):]
+    path = tmp_path / COCO_FILE_NAME
+    path.write_text(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    keypoints = read_coco_keypoints(path, ["0001.jpg"])["0001.jpg"].select(CROP)
+    assert keypoints.shape == (17, 3) and keypoints[0].tolist() == [31, 14, 0.95]
