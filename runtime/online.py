@@ -36,6 +36,7 @@ from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MAX_CLIPS_P
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import Engine, check_camera
 from keyreid.runtime.images import resize_like_pil
+from keyreid.runtime.pipeline import describe_failure
 from keyreid.runtime.poses import no_joints
 from keyreid.runtime.runner import Runner, tracklet_feature
 from keyreid.runtime.tracklets import split_into_clips
@@ -233,7 +234,9 @@ class OnlineEncoder:
         deadline = time.monotonic() + self.busy_timeout_s
         while self._buffered_frames >= self.max_buffered_frames:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._closed:
+            if self._closed:
+                raise KeyreidError("the online encoder was closed while the frame waited for room")
+            if remaining <= 0:
                 raise EncoderBusy(f"the engine is behind: {self._buffered_frames} frames are buffered "
                                   f"(max_buffered_frames) and none was freed within {self.busy_timeout_s} s; "
                                   "the frame was not taken")
@@ -266,8 +269,8 @@ class OnlineEncoder:
             embeddings = np.stack([future.result(timeout)["embedding"] for future in clips])
         except TimeoutError:
             raise KeyreidError(f"track {track_id!r}: the engine did not finish its clips within {timeout} s") from None
-        except KeyreidError as exc:
-            raise KeyreidError(f"track {track_id!r}: {exc}") from exc
+        except Exception as exc:        # the engine failed on one of the track's clips
+            raise KeyreidError(f"track {track_id!r}: {describe_failure(exc)}") from exc
         return tracklet_feature(embeddings)
 
     def _track(self, track_id: Hashable) -> _Track:

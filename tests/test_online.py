@@ -264,3 +264,27 @@ def test_idle_tracks_without_a_callback_wait_in_drain_finished(toy_model):
         assert [result.track_id for result in results] == ["first", "second"]
         assert [result.track_id for result in encoder.drain_finished()] == ["first", "second"]
         assert encoder.drain_finished() == []
+
+
+class PoisonedEngine(OrtEngine):
+    """Fails any batch holding a clip whose first joint has x = 13 (valid input otherwise)."""
+
+    def infer_impl(self, feed):
+        if (feed["keypoints"][:, :, 0, 0] == 13).any():
+            raise RuntimeError("engine failure on a poisoned clip")
+        return super().infer_impl(feed)
+
+
+def test_engine_failure_on_one_track_fails_only_that_track(toy_model):
+    rng = np.random.default_rng(8)
+    frames = rng.integers(0, 256, (5, 256, 128, 3), dtype=np.uint8)
+    poisoned = np.zeros((17, 3), np.float32)
+    poisoned[0] = (13, 20, 0.9)
+    with OnlineEncoder(PoisonedEngine(toy_model)) as encoder:
+        for frame in frames:
+            encoder.push("sick", frame, poisoned, camera=0)
+            encoder.push("healthy", frame, None, camera=0)
+        with pytest.raises(KeyreidError, match="track 'sick': RuntimeError: engine failure on a poisoned clip"):
+            encoder.finish("sick")
+        result = encoder.finish("healthy")
+    np.testing.assert_array_equal(result.feature, toy_feature(frames, np.zeros((5, 17, 3), np.float32), 0))
