@@ -259,3 +259,27 @@ def test_cli_search_with_a_truncated_gallery_or_another_width_is_one_error_line(
     assert run_main(gallery_cli.main, ["search", str(truncated), str(embeddings)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: gallery file") and "truncated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gallery_cli_ranks_infer_output_on_a_mars_tree_as_the_evaluation_does(tmp_path):
+    pytest.importorskip("scipy.io")
+    from test_runtime_cli import build_mars_tree
+    from toy_engine_model import build_toy_model
+    from keyreid.runtime import infer
+    root = build_mars_tree(tmp_path / "MARS")
+    embeddings, gallery_path, results_path = tmp_path / "mars.npz", tmp_path / "g.npz", tmp_path / "r.json"
+    assert infer.main(["--engine", str(build_toy_model(tmp_path / "toy.onnx")), "--dataset", "mars",
+                       "--root", str(root), "--output", str(embeddings), "-q"]) == 0
+    assert gallery_cli.main(["build", str(embeddings), "-o", str(gallery_path)]) == 0
+    assert gallery_cli.main(["search", str(gallery_path), str(embeddings), "--exclude", "label-and-camera",
+                             "-k", "100", "-o", str(results_path)]) == 0
+
+    arrays = dict(np.load(embeddings))
+    query, gallery = arrays["is_query"], ~arrays["is_query"]
+    distances = squared_euclidean_distances(arrays["embeddings"][query], arrays["embeddings"][gallery])
+    results = json.loads(results_path.read_text())
+    assert [result["query"] for result in results] == arrays["tracklets"][query].tolist()
+    for row, result in enumerate(results):
+        expected = protocol_order(distances[row], arrays["pids"][query][row], arrays["cameras"][query][row],
+                                  arrays["pids"][gallery], arrays["cameras"][gallery])
+        assert [match["name"] for match in result["matches"]] == arrays["tracklets"][gallery][expected].tolist()
