@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import asdict, dataclass
@@ -62,7 +63,8 @@ class Gallery:
     """Tracklet features [n, dim] float32 with camera, time, label and name per entry.
 
     Entry ids are assigned in order of addition and never reused, so an id stays valid (and
-    rows keep their order) however many entries are removed.
+    rows keep their order) however many entries are removed. Safe to share between threads:
+    adding, removing and searching take turns.
     """
 
     def __init__(self, dim: int, backend: str = DEFAULT_BACKEND, *, capacity: int = INITIAL_CAPACITY,
@@ -77,6 +79,7 @@ class Gallery:
         if int(dim) < 1:
             raise KeyreidError(f"a gallery's feature length must be positive, got {dim}")
         self.dim = int(dim)
+        self._lock = threading.RLock()
         self.use_backend(backend, **index_options)
         self._features = np.empty((max(1, capacity), self.dim), np.float32)
         self._ids = np.empty(0, np.int64)
@@ -90,8 +93,9 @@ class Gallery:
 
     def use_backend(self, backend: str, **index_options) -> None:
         """Search with another index from now on (built at the next search); the entries stay."""
-        self._index = make_index(backend, **index_options)
-        self.backend = backend
+        index = make_index(backend, **index_options)
+        with self._lock:
+            self._index, self.backend = index, backend
 
     @property
     def index_bytes(self) -> int:
@@ -150,7 +154,12 @@ class Gallery:
         if timestamps.shape != (count,) or len(labels) != count or len(names) != count:
             raise KeyreidError(f"give one timestamp, label and name per feature ({count})")
         label_texts = [_label_text(label, "a label") for label in labels]
+        with self._lock:
+            return self._append(features, cameras, timestamps, label_texts, names)
 
+    def _append(self, features: np.ndarray, cameras: np.ndarray, timestamps: np.ndarray,
+                label_texts: List[str], names: List[str]) -> np.ndarray:
+        count = len(features)
         start = len(self)
         self._reserve(start + count)
         self._features[start:start + count] = features
@@ -191,7 +200,12 @@ class Gallery:
 
     def remove(self, entry_ids: Union[int, Iterable[int]]) -> None:
         """Remove entries by id (all or none: an unknown id removes nothing)."""
-        rows = self._rows([entry_ids] if isinstance(entry_ids, (int, np.integer)) else entry_ids)
+        with self._lock:
+            self._remove_rows(self._rows([entry_ids] if isinstance(entry_ids, (int, np.integer)) else entry_ids))
+
+    def _remove_rows(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
         keep = np.ones(len(self), bool)
         keep[rows] = False
         # Close the gaps block by block, in place: no second copy of a large gallery.
@@ -234,12 +248,13 @@ class Gallery:
             raise KeyreidError(f"search takes one feature [{self.dim}], got {len(query)}")
         if int(k) < 1:
             raise KeyreidError(f"k must be at least 1, got {k}")
-        allowed = self._allowed(camera, label, exclude)
-        if len(self) == 0 or (allowed is not None and not allowed.any()):
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        features = self._features[:len(self)]
-        self._index.sync(features)
-        return self._index.search(features, query[0], int(k), allowed)
+        with self._lock:
+            allowed = self._allowed(camera, label, exclude)
+            if len(self) == 0 or (allowed is not None and not allowed.any()):
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            features = self._features[:len(self)]
+            self._index.sync(features)
+            return self._index.search(features, query[0], int(k), allowed)
 
     def search(self, feature: np.ndarray, k: int = 10, camera: Optional[int] = None,
                label: Union[str, int, None] = None, exclude: Exclude = "none") -> List[Match]:
@@ -252,18 +267,23 @@ class Gallery:
                 elsewhere); "label_and_camera": leave out entries with the query's label and
                 camera, the evaluation protocol of SPEC section 4.
         """
-        rows, distances = self.search_rows(feature, k, camera, label, exclude)
-        return [self.entry(row, distance) for row, distance in zip(rows, distances)]
+        with self._lock:
+            rows, distances = self.search_rows(feature, k, camera, label, exclude)
+            return [self.entry(row, distance) for row, distance in zip(rows, distances)]
 
     # --- files --------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
         """Write the gallery to one ``.npz`` file, whole (a temporary file, then rename)."""
+        with self._lock:
+            return write_npz(path, self._arrays())
+
+    def _arrays(self) -> Dict[str, np.ndarray]:
         codes = self._label_codes
         labels = np.array([self._label_names[code] if code >= 0 else NO_LABEL for code in codes], dtype=str)
-        return write_npz(path, {
+        return {
             "format": np.array(FORMAT), "features": self._features[:len(self)], "ids": self._ids,
             "cameras": self._cameras, "timestamps": self._timestamps, "labels": labels.reshape(len(self)),
-            "names": np.array(self._names, dtype=str).reshape(len(self)), "next_id": np.array(self._next_id)})
+            "names": np.array(self._names, dtype=str).reshape(len(self)), "next_id": np.array(self._next_id)}
 
     @classmethod
     def load(cls, path: PathLike, backend: str = DEFAULT_BACKEND, dim: Optional[int] = None,

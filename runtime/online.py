@@ -122,9 +122,10 @@ class OnlineEncoder:
         self.busy_timeout_s = busy_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self._on_finished = on_finished
-        max_clips_queued = max_buffered_frames // CLIP_FRAMES
+        # Every clip in the runner holds at least one buffered frame (a last partial clip may hold
+        # only one), so a queue of max_buffered_frames clips never fills: the frame limit rules.
         self._runner = Runner(engine, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                              max_queue_size=max_clips_queued, block_when_full=False)
+                              max_queue_size=max_buffered_frames, block_when_full=False)
         self._num_cameras = engine.num_cameras
         # Re-entrant: a clip's done-callback may run at once, on the thread that submitted it.
         self._lock = threading.RLock()

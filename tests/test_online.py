@@ -288,3 +288,19 @@ def test_engine_failure_on_one_track_fails_only_that_track(toy_model):
             encoder.finish("sick")
         result = encoder.finish("healthy")
     np.testing.assert_array_equal(result.feature, toy_feature(frames, np.zeros((5, 17, 3), np.float32), 0))
+
+
+def test_many_one_frame_tracks_finishing_at_once_fit_while_the_engine_is_stalled(toy_model):
+    """Each last partial clip may hold a single frame: the frame limit, not the clip count, rules."""
+    engine = GatedEngine(toy_model)
+    frames = np.random.default_rng(9).integers(0, 256, (16, 256, 128, 3), dtype=np.uint8)
+    with OnlineEncoder(engine, max_tracks=16, max_buffered_frames=3 * 16 + 4, max_batch_size=1) as encoder:
+        for track, frame in enumerate(frames):
+            encoder.push(track, frame, None, camera=0)
+        with ThreadPoolExecutor(16) as pool:
+            results = [pool.submit(encoder.finish, track) for track in range(16)]
+            time.sleep(0.2)
+            engine.gate.set()
+            features = [future.result().feature for future in results]
+    for frame, feature in zip(frames, features):
+        np.testing.assert_array_equal(feature, toy_feature(frame[None], np.zeros((1, 17, 3), np.float32), 0))
