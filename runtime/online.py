@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Hashable, List, Literal, Optional
 
@@ -268,7 +268,7 @@ class OnlineEncoder:
             return None
         try:
             embeddings = np.stack([future.result(timeout)["embedding"] for future in clips])
-        except TimeoutError:
+        except FutureTimeout:        # concurrent.futures has its own before Python 3.11
             raise KeyreidError(f"track {track_id!r}: the engine did not finish its clips within {timeout} s") from None
         except Exception as exc:        # the engine failed on one of the track's clips
             raise KeyreidError(f"track {track_id!r}: {describe_failure(exc)}") from exc

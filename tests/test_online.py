@@ -304,3 +304,14 @@ def test_many_one_frame_tracks_finishing_at_once_fit_while_the_engine_is_stalled
             features = [future.result().feature for future in results]
     for frame, feature in zip(frames, features):
         np.testing.assert_array_equal(feature, toy_feature(frame[None], np.zeros((1, 17, 3), np.float32), 0))
+
+
+def test_feature_waits_at_most_its_timeout_for_a_stalled_engine(toy_model):
+    engine = GatedEngine(toy_model)
+    with OnlineEncoder(engine) as encoder:
+        for _ in range(4):
+            encoder.push("t", np.zeros((8, 4, 3), np.uint8), None, camera=0)
+        with pytest.raises(KeyreidError, match="did not finish its clips within 0.1 s"):
+            encoder.feature("t", timeout=0.1)
+        engine.gate.set()
+        assert encoder.feature("t").shape == (engine.embedding_dim,)
