@@ -425,11 +425,12 @@ def search_command(args: argparse.Namespace) -> int:
     queries = _read_embeddings(args.queries, args.rows, "query")
     gallery = Gallery.load(args.gallery, args.backend, dim=queries["embeddings"].shape[-1])
     exclude = args.exclude.replace("-", "_")
-    results, started = [], time.perf_counter()
+    results, unlabelled, started = [], [], time.perf_counter()
     for feature, name, camera, label in zip(queries["embeddings"], queries["tracklets"], queries["cameras"],
                                             _labels(queries["pids"])):
         if exclude == "label_and_camera" and label is None:
-            raise KeyreidError(f"query {name} has no identity (pid -1); --exclude label-and-camera needs one")
+            unlabelled.append(str(name))      # the protocol cannot place it; the others go on
+            continue
         matches = gallery.search(feature, args.top_k, camera=int(camera), label=label, exclude=exclude)
         results.append({"query": str(name), "camera": int(camera), "label": label or "",
                         "matches": [match_json(match) for match in matches]})
@@ -441,6 +442,9 @@ def search_command(args: argparse.Namespace) -> int:
     if len(results) > args.show:
         print(f"... and {len(results) - args.show} more queries")
     print(f"{len(results)} queries against {len(gallery)} entries ({gallery.backend}) in {seconds:.2f} s")
+    if unlabelled:
+        print(f"{len(unlabelled)} queries without an identity (pid -1) were not searched: --exclude "
+              f"label-and-camera needs one (e.g. {unlabelled[0]})")
     if args.output is not None:
         write_json(args.output, results)
         print(f"wrote {args.output}")

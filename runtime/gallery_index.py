@@ -88,6 +88,7 @@ class FaissIndex:
         self.nlist, self.nprobe, self.hnsw_m, self.ef_search = nlist, nprobe, hnsw_m, ef_search
         self._faiss = require("faiss")
         self._index = None
+        self._bitmap = None     # the allowed rows of the current search, read by FAISS's selector
 
     def invalidate(self) -> None:
         self._index = None
@@ -140,7 +141,6 @@ class FaissIndex:
         faiss = self._faiss
         options = {}
         if allowed is not None:
-            # The selector reads this bitmap during the search; keep it referenced until then.
             self._bitmap = np.packbits(allowed, bitorder="little")
             options["sel"] = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(self._bitmap))
         if self.name == "faiss-ivf":

@@ -283,3 +283,17 @@ def test_gallery_cli_ranks_infer_output_on_a_mars_tree_as_the_evaluation_does(tm
         expected = protocol_order(distances[row], arrays["pids"][query][row], arrays["cameras"][query][row],
                                   arrays["pids"][gallery], arrays["cameras"][gallery])
         assert [match["name"] for match in result["matches"]] == arrays["tracklets"][gallery][expected].tolist()
+
+
+def test_cli_protocol_search_skips_queries_without_identity_and_does_the_rest(tmp_path, capsys):
+    features, pids, cameras = mars_like_features(11, identities=5)
+    pids = pids.copy()
+    pids[0] = -1
+    embeddings = infer_output(tmp_path / "e.npz", features, pids, cameras)
+    gallery_path, results_path = tmp_path / "g.npz", tmp_path / "r.json"
+    assert gallery_cli.main(["build", str(embeddings), "-o", str(gallery_path)]) == 0
+    assert gallery_cli.main(["search", str(gallery_path), str(embeddings), "--exclude", "label-and-camera",
+                             "-o", str(results_path)]) == 0
+    assert [result["query"] for result in json.loads(results_path.read_text())] == \
+        [f"t{index:03d}" for index in range(1, len(features))]
+    assert "1 queries without an identity (pid -1) were not searched" in capsys.readouterr().out
