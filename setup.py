@@ -14,7 +14,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "keyreid" / "__init__.py
 RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8", "onnxruntime>=1.17"]
 # Any recent torch works; the README pins the CPU build for CPU-only machines.
 EXPORT = ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.1"]
-TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10"]
+GALLERY = ["faiss-cpu>=1.7.4"]     # large galleries (runtime/gallery_index.py); NumPy needs nothing
+TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10"] + GALLERY
 # The Triton client (engine grpc:// and http://) and Triton's ModelConfig protobuf (repository checks).
 TRITON = ["tritonclient[grpc,http]>=2.40"]
 # PyTriton bundles a CPU-capable tritonserver (Linux x86_64/aarch64, glibc >= 2.35, about 190 MB
@@ -42,6 +43,7 @@ setup(
         "runtime": [],
         "mars": ["scipy>=1.10"],    # reads MARS's info/*.mat files
         "export": EXPORT,
+        "gallery": GALLERY,
         "triton": TRITON,
         "triton-server": TRITON_SERVER,
         "test": EXPORT + TEST + TRITON_SERVER,

@@ -17,6 +17,7 @@ _EXTRAS = {
     "tritonclient.grpc": ("triton", "Triton Inference Server engines and model repositories"),
     "tritonclient.http": ("triton", "Triton Inference Server engines over HTTP"),
     "pytriton.triton": ("triton-server", "serving an engine through PyTriton's bundled Triton server"),
+    "faiss": ("gallery", "FAISS gallery search"),
 }
 
 

@@ -49,6 +49,9 @@ tracklet folders (--tracklets, --query, --gallery):
   DIR/<tracklet>/<frame>.jpg|.jpeg|.png   frames in file-name order
   DIR/<tracklet>/<frame>.pose             same stem: 17 COCO keypoints [[x, y, conf], ...]
                                           in pixels of the frame (OpenPifPaf output)
+  DIR/<tracklet>/keypoints.json           or: COCO keypoint results for the folder's frames
+                                          (MMPose, YOLO-pose, OpenPifPaf), matched by
+                                          "file_name"/"image_id"; see README
   {('DIR/' + MANIFEST_NAME).ljust(40)}optional: columns tracklet,pid,camera
   Identity and camera come from the manifest, else from MARS-style frame names
   (0001C2T0003F001.jpg: pid 1, camera 1), else pid -1 (unknown) and --camera.

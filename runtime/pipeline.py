@@ -50,7 +50,7 @@ def clip_loader(pose_tally: Optional[PoseTally] = None) -> Preprocess:
         for frame_path, pose_path in zip(clip["frames"], clip["poses"]):
             if frame_path not in decoded:
                 decoded[frame_path] = load_frame(frame_path)
-                keypoints[frame_path] = load_pose(pose_path, pose_tally)
+                keypoints[frame_path] = load_pose(pose_path, pose_tally, crop_size=decoded[frame_path][1])
         frames = [decoded[path] for path in clip["frames"]]
         return {"frames": np.stack([frame for frame, _ in frames]),
                 "keypoints": np.stack([keypoints[path] for path in clip["frames"]]),

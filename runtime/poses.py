@@ -18,8 +18,11 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from keyreid.contract import NUM_KEYPOINTS
+from keyreid.runtime.coco_keypoints import FrameDetections
 
 PathLike = Union[str, Path]
+# Where a frame's keypoints come from: a .pose file, or its detections in a COCO results file.
+PoseSource = Union[PathLike, FrameDetections]
 
 
 class PoseStatus(Enum):
@@ -72,11 +75,17 @@ def _clear_invalid_joints(keypoints: np.ndarray) -> Tuple[np.ndarray, int]:
     return keypoints, int(invalid.sum())
 
 
-def read_pose(path: Optional[PathLike]) -> Tuple[np.ndarray, PoseStatus, int]:
-    """Read one pose file: (float32 [17, 3], status, number of joints cleared as invalid).
+def read_pose(path: Optional[PoseSource], crop_size: Optional[Tuple[float, float]] = None
+              ) -> Tuple[np.ndarray, PoseStatus, int]:
+    """Read one frame's pose: (float32 [17, 3], status, number of joints cleared as invalid).
 
+    ``path`` is a .pose file, or the frame's COCO detections (``coco_keypoints``), from which
+    the person best filling the crop of ``crop_size`` (width, height) is taken.
     Never raises for a bad file: anything but OK comes back as all zeros.
     """
+    if isinstance(path, FrameDetections):
+        keypoints, cleared = _clear_invalid_joints(path.select(crop_size or (0, 0)))
+        return keypoints, PoseStatus.OK, cleared
     if path is None:
         return no_joints(), PoseStatus.MISSING, 0
     try:
@@ -135,9 +144,10 @@ class PoseTally:
         return line
 
 
-def load_pose(path: Optional[PathLike], tally: Optional[PoseTally] = None) -> np.ndarray:
+def load_pose(path: Optional[PoseSource], tally: Optional[PoseTally] = None,
+              crop_size: Optional[Tuple[float, float]] = None) -> np.ndarray:
     """``read_pose`` that records its status in ``tally`` and returns only the keypoints."""
-    keypoints, status, cleared = read_pose(path)
+    keypoints, status, cleared = read_pose(path, crop_size)
     if tally is not None:
         tally.record(path, status, cleared)
     return keypoints

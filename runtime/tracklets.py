@@ -5,7 +5,8 @@ into consecutive clips of 4 frames, fills the last clip by cycling that clip's o
 keeps at most the first 41 clips; the tracklet's feature is the mean of its clip embeddings.
 
 ``discover_tracklets`` reads the ``--tracklets DIR`` layout: one folder per tracklet holding
-frames (.jpg/.jpeg/.png, temporal order = file-name order) and same-stem ``.pose`` files.
+frames (.jpg/.jpeg/.png, temporal order = file-name order) and same-stem ``.pose`` files, or
+one ``keypoints.json`` of COCO keypoint results (``coco_keypoints``).
 Identity and camera come, in this order of preference, from ``DIR/manifest.csv``
 (columns tracklet,pid,camera), from MARS-style frame names, or from the caller's defaults.
 One bad tracklet becomes a ``TrackletFailure`` so the others still run; a directory with no
@@ -16,10 +17,11 @@ import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from keyreid.contract import CLIP_FRAMES, MAX_CLIPS_PER_TRACKLET, MEAN_CAMERA
 from keyreid.errors import KeyreidError
+from keyreid.runtime.coco_keypoints import COCO_FILE_NAME, read_coco_keypoints
 
 PathLike = Union[str, Path]
 
@@ -37,7 +39,8 @@ _MARS_NAME = re.compile(r"^(?P<pid>\d+|00-1|-1)C(?P<camera>\d+)T(?P<tracklet>\d+
 class Tracklet:
     name: str
     frame_paths: Tuple[Path, ...]     # temporal order
-    pose_paths: Tuple[Path, ...]      # one per frame; a file may be missing (poses.read_pose counts it)
+    pose_paths: Tuple[Any, ...]       # one per frame: a .pose path (the file may be missing), or the
+                                      # frame's COCO detections, or None (poses.read_pose counts it)
     pid: int                          # identity, or -1 when unknown
     camera: int                       # 0-based camera index, or MEAN_CAMERA (-1)
 
@@ -202,10 +205,18 @@ def discover_tracklets(root: PathLike, default_camera: int = 0) -> TrackletScan:
                 continue
             (pid, camera), source = (from_names, "mars_names") if from_names else \
                 ((UNKNOWN_PID, default_camera), "default")
+        pose_paths: Tuple[Any, ...] = tuple(frame.with_suffix(POSE_SUFFIX) for frame in frames)
+        if (folder / COCO_FILE_NAME).is_file():
+            try:
+                detections = read_coco_keypoints(folder / COCO_FILE_NAME, [frame.name for frame in frames])
+            except KeyreidError as exc:
+                scan.failures.append(TrackletFailure(folder.name, str(exc)))
+                continue
+            pose_paths = tuple(detections.get(frame.name) for frame in frames)
         scan.tracklets.append(Tracklet(
             name=folder.name,
             frame_paths=tuple(frames),
-            pose_paths=tuple(frame.with_suffix(POSE_SUFFIX) for frame in frames),
+            pose_paths=pose_paths,
             pid=pid, camera=camera))
         scan.label_sources[source] = scan.label_sources.get(source, 0) + 1
 
