@@ -1,22 +1,34 @@
-"""Files written whole: a temporary file beside the target, then ``os.replace``; and a check that
-an output can be written, made before a long run rather than after it. Export and runtime both
-write through here.
+"""Files written whole, and the checks on output paths made before a long run.
 
-A run that fails, or is interrupted, half way leaves either the previous file or none, never a
-truncated one. The temporary name starts with a dot and ends in ``.partial`` (git-ignored).
+Every writer in the package (export and runtime alike) goes through ``atomic_output``: the bytes
+go to a uniquely named temporary file beside the target, which is renamed over the target only
+when complete. A run that fails, is interrupted (Ctrl-C, or SIGTERM, which ``keyreid.cli``
+turns into an exception) or races another run writing the same path leaves the previous file or
+the other run's complete file, never a truncated or mixed one, and no temporary file behind.
+The temporary name starts with a dot and ends in ``.partial`` plus the target's suffix, so tools
+that go by suffix (``open_engine``) read it as what it will become (git-ignores ``*.partial*``).
+
+The installed file gets the permissions a plain ``open(path, "w")`` would give it: those of
+the file it replaces, else 0666 less the umask (temporary files are created 0600).
 """
+import contextlib
 import io
 import json
 import os
+import stat
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
 from keyreid.errors import KeyreidError
 
 PathLike = Union[str, Path]
+PARTIAL_SUFFIX = ".partial"
+
+_umask_lock = threading.Lock()
 
 
 def check_writable(path: PathLike, what: str = "output") -> Path:
@@ -33,27 +45,87 @@ def check_writable(path: PathLike, what: str = "output") -> Path:
     return path
 
 
-def write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (same-directory temporary file, then rename)."""
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_distinct_outputs(outputs: Mapping[str, Optional[PathLike]],
+                           inputs: Mapping[str, Optional[PathLike]] = {}) -> None:
+    """Refuse, before any work, an output that is also an input or another output.
+
+    ``outputs`` and ``inputs`` map what a path is (``--output``, ``the engine``) to the path;
+    None entries are skipped. Paths are compared after resolving links, so ``./a`` and a
+    symlink to ``a`` are the same file.
+    """
+    given = [(name, Path(path)) for name, path in outputs.items() if path is not None]
+    for position, (name, path) in enumerate(given):
+        for other_name, other in given[:position]:
+            if _same_file(path, other):
+                raise KeyreidError(f"{name} and {other_name} are the same file ({path}); give each its own name")
+        for input_name, input_path in inputs.items():
+            if input_path is not None and _same_file(path, Path(input_path)):
+                raise KeyreidError(f"{name} {path} is {input_name}; writing it would destroy an input, "
+                                   "choose another name")
+
+
+def check_not_among(outputs: Mapping[str, Optional[PathLike]], inputs: "set[Path]", what: str) -> None:
+    """Refuse an output whose resolved path is in ``inputs`` (resolved paths, e.g. every frame)."""
+    for name, path in outputs.items():
+        if path is not None and Path(path).resolve() in inputs:
+            raise KeyreidError(f"{name} {path} is one of the {what}; writing it would destroy an input, "
+                               "choose another name")
+
+
+def _default_mode(path: Path) -> int:
+    """Permission bits a plain write would give ``path``: kept if it exists, else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        pass
+    with _umask_lock:               # os.umask can only be read by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yield a unique temporary path beside ``path``; install it at ``path`` when the block ends.
+
+    Write (and check) the file at the yielded path inside the block. If the block raises,
+    including KeyboardInterrupt or a SIGTERM turned into one, the temporary file is removed
+    and ``path`` is untouched.
+    """
     path = Path(path)
     try:
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
-                                             delete=False)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                        suffix=PARTIAL_SUFFIX + path.suffix)
     except OSError as exc:
         raise KeyreidError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    partial = Path(handle.name)
+    os.close(handle)
+    partial = Path(name)
     try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield partial
+        os.chmod(partial, _default_mode(path))
         os.replace(partial, path)
     except OSError as exc:
         raise KeyreidError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
-        if partial.exists():
+        with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-    return path
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole (unique temporary file, fsync, rename)."""
+    with atomic_output(path) as partial:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
 
 
 def write_npz(path: PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

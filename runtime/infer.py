@@ -23,7 +23,7 @@ from keyreid.runtime.engines import check_camera, open_engine
 from keyreid.runtime.pipeline import (Progress, QueryGalleryResult, TrackletRun, clip_loader,
                                       evaluate_query_gallery, run_tracklets, total_clips)
 from keyreid.runtime.poses import PoseTally
-from keyreid.files import check_writable, write_bytes, write_json, write_npz
+from keyreid.files import check_distinct_outputs, check_not_among, check_writable, write_bytes, write_json, write_npz
 from keyreid.runtime.runner import Runner
 from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, discover_tracklets
 
@@ -242,7 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = check_arguments(parser, args)
-    for path, flag in ((args.output, "--output"), (args.report, "--report"), (args.ranking_png, "--ranking-png")):
+    outputs = {"--output": args.output, "--report": args.report, "--ranking-png": args.ranking_png}
+    check_distinct_outputs(outputs, {"the engine": args.engine})
+    for flag, path in outputs.items():
         if path is not None:
             check_writable(path, flag)
 
@@ -253,6 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in sets.notes:
         print(note, file=sys.stderr)
     tracklets = sets.all
+    inputs = {path.resolve() for tracklet in tracklets for path in tracklet.frame_paths + tracklet.pose_paths}
+    check_not_among(outputs, inputs, "input frames or pose files")
 
     steps(f"loading engine {args.engine}")
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:
