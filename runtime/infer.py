@@ -171,7 +171,7 @@ def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
     else:
         from keyreid.runtime.mars import load_mars_test
         split = load_mars_test(args.root, args.keypoints)
-        sets.add("query", split.query)
+        sets.add("query", split.query, split.failures)
         sets.add("gallery", split.gallery)
         sets.mars_info = {"junk_rows": split.junk_rows, "keypoints_dir": str(split.keypoints_dir),
                           "keypoints_dir_exists": split.keypoints_dir_exists}

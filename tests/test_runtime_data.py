@@ -495,7 +495,30 @@ def test_mars_corrupt_mat_file_raises_naming_it(tmp_path):
 def test_mars_table_that_does_not_match_the_names_raises(tmp_path):
     names = build_fake_mars(tmp_path)
     (tmp_path / "info" / "test_name.txt").write_text("\n".join(names[1:]) + "\n")   # shifted by one
-    with pytest.raises(KeyreidError, match="row"):
+    with pytest.raises(KeyreidError, match="no row .* makes a tracklet"):
+        mars.load_mars_test(tmp_path)
+
+
+@pytest.mark.parametrize("escape", ["../../../etc/passwd", "0001C1T0001F002.jpg/../../../../x.jpg",
+                                    "/etc/hostname"])
+def test_mars_frame_name_leaving_bbox_test_fails_only_its_tracklet(tmp_path, escape):
+    names = build_fake_mars(tmp_path)
+    names[1] = escape                          # second frame of the first tracklet (0001C1T0001)
+    (tmp_path / "info" / "test_name.txt").write_text("\n".join(names) + "\n")
+    split = mars.load_mars_test(tmp_path)
+    assert [failure.name for failure in split.failures] == ["query/row 1"]
+    assert "not a plain file name" in split.failures[0].reason
+    assert [track.name for track in split.query] == ["0002C1T0001"]
+    frames_dir = (tmp_path / "bbox_test").resolve()
+    for track in split.query + split.gallery:
+        assert all(frames_dir in path.resolve().parents for path in track.frame_paths)
+
+
+@pytest.mark.parametrize("content", [b"", b"MATLAB 5.0 MAT-file" + bytes(200), b"\x00" * 5])
+def test_mars_empty_or_malformed_mat_file_is_a_keyreid_error(tmp_path, content):
+    build_fake_mars(tmp_path)
+    (tmp_path / "info" / "query_IDX.mat").write_bytes(content)
+    with pytest.raises(KeyreidError, match="query_IDX.mat: not a readable .mat file"):
         mars.load_mars_test(tmp_path)
 
 
