@@ -9,6 +9,7 @@ from typing import Dict, List
 
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import ONNX_SUFFIXES
+from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -67,6 +68,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--plugin", type=Path, action="append", default=[], metavar="LIB",
                        help="TensorRT plugin library to load first (repeatable). TensorRT engines only")
     return group
+
+
+def add_frame_limit_argument(parser: "argparse._ActionsContainer") -> None:
+    parser.add_argument("--max-frame-side", type=positive_int, default=DEFAULT_MAX_FRAME_SIDE, metavar="PX",
+                        help="a frame whose JPEG/PNG header declares a wider or taller image fails its "
+                             "tracklet before it is decoded; bounds memory (default: %(default)d)")
 
 
 def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

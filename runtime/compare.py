@@ -21,7 +21,7 @@ from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.cli_args import add_engine_arguments, engine_options, positive_int
+from keyreid.runtime.cli_args import add_engine_arguments, add_frame_limit_argument, engine_options, positive_int
 from keyreid.runtime.engines import Engine, check_camera, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--camera", type=int, default=0, metavar="N",
                         help="camera of --tracklets tracklets without one (default: %(default)s)")
     inputs.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips (default: 0)")
+    add_frame_limit_argument(inputs)
     checks = parser.add_argument_group("tolerances")
     checks.add_argument("--tolerance-rel", type=optional_float, default=1e-4, metavar="X",
                         help="largest embedding relative error (default: %(default)g)")
@@ -148,10 +149,11 @@ def synthetic_clips(num_clips: int, num_cameras: Optional[int], seed: int) -> Di
             "crop_size": crop_size, "camera": camera}
 
 
-def tracklet_clips(root: Path, limit: Optional[int], default_camera: int) -> Dict[str, np.ndarray]:
+def tracklet_clips(root: Path, limit: Optional[int], default_camera: int,
+                   max_frame_side: int) -> Dict[str, np.ndarray]:
     scan = discover_tracklets(root, default_camera=default_camera)
     tally = PoseTally()
-    clips = load_tracklet_clips(scan.tracklets, tally, limit)
+    clips = load_tracklet_clips(scan.tracklets, tally, limit, max_frame_side)
     if tally.without_pose:
         print(tally.summary(), file=sys.stderr)
     return stack_clips(clips)
@@ -222,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             reason = check_camera(args.camera, engine.num_cameras)
             if reason:
                 raise KeyreidError(f"--camera: {reason}")
-            feed = tracklet_clips(args.tracklets, args.clips, args.camera)
+            feed = tracklet_clips(args.tracklets, args.clips, args.camera, args.max_frame_side)
             source = f"{len(feed['camera'])} clips from {args.tracklets}"
         else:
             feed = synthetic_clips(args.clips or DEFAULT_CLIPS, engine.num_cameras, args.seed)

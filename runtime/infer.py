@@ -18,14 +18,15 @@ import numpy as np
 from keyreid.cli import Steps, run_main
 from keyreid.contract import MEAN_CAMERA
 from keyreid.errors import KeyreidError
-from keyreid.runtime.cli_args import add_engine_arguments, add_runner_arguments, engine_options, runner_options
+from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, add_runner_arguments,
+                                      engine_options, runner_options)
 from keyreid.runtime.engines import check_camera, open_engine
 from keyreid.runtime.pipeline import (Progress, QueryGalleryResult, TrackletRun, clip_loader,
                                       evaluate_query_gallery, run_tracklets, total_clips)
 from keyreid.runtime.poses import PoseTally
 from keyreid.files import check_distinct_outputs, check_not_among, check_writable, write_bytes, write_json, write_npz
 from keyreid.runtime.runner import Runner
-from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, discover_tracklets
+from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan, discover_tracklets
 
 DESCRIPTION = """\
 Run a KeyRe-ID engine (.onnx on ONNX Runtime, .plan/.engine/.trt on TensorRT) over tracklets:
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between progress lines on stderr (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_engine_arguments(parser)
-    add_runner_arguments(parser)
+    add_frame_limit_argument(add_runner_arguments(parser))
     return parser
 
 
@@ -146,13 +147,22 @@ class Sets:
     def __init__(self):
         self.tracklets: Dict[str, List[Tracklet]] = {}
         self.failures: List[TrackletFailure] = []
-        self.notes: List[str] = []
+        self.notes: List[str] = []                  # warnings printed before the run
+        self.ignored: List[str] = []                # summary lines about ignored folder entries
+        self.ignored_entries = 0
         self.mars_info: Dict[str, object] = {}
 
     def add(self, name: str, tracklets: List[Tracklet], failures: Sequence[TrackletFailure] = (),
             prefix: str = "") -> None:
         self.tracklets[name] = tracklets
         self.failures += [TrackletFailure(prefix + failure.name, failure.reason) for failure in failures]
+
+    def add_scan(self, name: str, scan: TrackletScan, prefix: str = "") -> None:
+        self.add(name, scan.tracklets, scan.failures, prefix)
+        self.ignored_entries += len(scan.ignored)
+        ignored = scan.ignored_summary()
+        if ignored:
+            self.ignored.append(f"{prefix}{ignored}")
 
     @property
     def all(self) -> List[Tracklet]:
@@ -162,12 +172,10 @@ class Sets:
 def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
     sets = Sets()
     if mode == "tracklets":
-        scan = discover_tracklets(args.tracklets, default_camera=args.camera)
-        sets.add("tracklets", scan.tracklets, scan.failures)
+        sets.add_scan("tracklets", discover_tracklets(args.tracklets, default_camera=args.camera))
     elif mode == "query_gallery":
         for name, root in (("query", args.query), ("gallery", args.gallery)):
-            scan = discover_tracklets(root, default_camera=args.camera)
-            sets.add(name, scan.tracklets, scan.failures, prefix=f"{name}/")
+            sets.add_scan(name, discover_tracklets(root, default_camera=args.camera), prefix=f"{name}/")
     else:
         from keyreid.runtime.mars import load_mars_test
         split = load_mars_test(args.root, args.keypoints)
@@ -184,7 +192,7 @@ def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
     return sets
 
 
-def print_summary(run: TrackletRun, failures: List[TrackletFailure]) -> None:
+def print_summary(run: TrackletRun, failures: List[TrackletFailure], sets: Sets) -> None:
     print(f"tracklets: {len(run.indices)} done, {len(failures)} failed "
           f"({run.num_clips} clips in {run.seconds:.1f} s, {run.clips_per_second:.1f} clips/s)")
     for failure in failures[:MAX_LISTED_FAILURES]:
@@ -192,6 +200,8 @@ def print_summary(run: TrackletRun, failures: List[TrackletFailure]) -> None:
     if len(failures) > MAX_LISTED_FAILURES:
         print(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
     print(run.pose_tally.summary())
+    for line in sets.ignored:
+        print(line)
 
 
 def pose_counts(tally: PoseTally) -> Dict[str, object]:
@@ -227,6 +237,7 @@ def build_report(args: argparse.Namespace, mode: str, sets: Sets, run: TrackletR
         "gallery": {"tracklets": len(sets.tracklets["gallery"]), "ranked": len(evaluation.gallery)},
         "failures": [{"tracklet": failure.name, "reason": failure.reason} for failure in failures],
         "poses": pose_counts(run.pose_tally),
+        "ignored_entries": sets.ignored_entries,
         "clips": run.num_clips,
         "seconds": round(run.seconds, 3),
         "clips_per_second": round(run.clips_per_second, 3),
@@ -267,12 +278,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tally = PoseTally()
         progress = Progress(len(tracklets), total_clips(tracklets), interval_s=args.progress_seconds,
                             enabled=not args.quiet)
-        with Runner(engine, preprocess=clip_loader(tally), **runner_options(args)) as runner:
+        with Runner(engine, preprocess=clip_loader(tally, args.max_frame_side), **runner_options(args)) as runner:
             run = run_tracklets(runner, tracklets, tally, progress)
     steps.done()
 
     failures = sets.failures + run.failures
-    print_summary(run, failures)
+    print_summary(run, failures, sets)
     if len(run.indices) == 0:
         raise KeyreidError(f"no tracklet produced a feature ({len(failures)} failed); nothing was written")
 

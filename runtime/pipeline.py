@@ -22,7 +22,7 @@ import numpy as np
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import check_camera
 from keyreid.runtime.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
-from keyreid.runtime.images import load_frame
+from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE, load_frame
 from keyreid.runtime.poses import PoseTally, load_pose
 from keyreid.runtime.runner import Preprocess, Runner
 from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet, TrackletFailure, num_clips, split_into_clips
@@ -37,19 +37,20 @@ def clip_requests(tracklet: Tracklet) -> List[Dict[str, Any]]:
             for group in split_into_clips(tracklet.num_frames)]
 
 
-def clip_loader(pose_tally: Optional[PoseTally] = None) -> Preprocess:
+def clip_loader(pose_tally: Optional[PoseTally] = None, max_frame_side: int = DEFAULT_MAX_FRAME_SIDE) -> Preprocess:
     """The runner's ``preprocess`` hook for ``clip_requests``: decode frames, read poses.
 
     A frame repeated inside a clip (a short tracklet's cycled frames) is decoded and counted
-    once. A frame that cannot be decoded raises (failing its tracklet); a pose file that is
-    missing or bad gives zeros and is recorded in ``pose_tally``.
+    once. A frame that cannot be decoded, or declares a side above ``max_frame_side`` pixels,
+    raises (failing its tracklet); a pose file that is missing or bad gives zeros and is
+    recorded in ``pose_tally``.
     """
     def load(clip: Dict[str, Any]) -> Dict[str, Any]:
         decoded: Dict[Path, Tuple[np.ndarray, Tuple[int, int]]] = {}
         keypoints: Dict[Path, np.ndarray] = {}
         for frame_path, pose_path in zip(clip["frames"], clip["poses"]):
             if frame_path not in decoded:
-                decoded[frame_path] = load_frame(frame_path)
+                decoded[frame_path] = load_frame(frame_path, max_frame_side)
                 keypoints[frame_path] = load_pose(pose_path, pose_tally)
         frames = [decoded[path] for path in clip["frames"]]
         return {"frames": np.stack([frame for frame, _ in frames]),
@@ -70,10 +71,11 @@ def stack_clips(clips: Sequence[Dict[str, Any]]) -> Dict[str, np.ndarray]:
 
 
 def load_tracklet_clips(tracklets: Sequence[Tracklet], pose_tally: Optional[PoseTally] = None,
-                        limit: Optional[int] = None) -> List[Dict[str, Any]]:
+                        limit: Optional[int] = None,
+                        max_frame_side: int = DEFAULT_MAX_FRAME_SIDE) -> List[Dict[str, Any]]:
     """Decoded clips of ``tracklets`` in order, on this thread, at most ``limit`` of them
     (for tools that need the clips themselves rather than tracklet features)."""
-    load = clip_loader(pose_tally)
+    load = clip_loader(pose_tally, max_frame_side)
     clips: List[Dict[str, Any]] = []
     for tracklet in tracklets:
         for request in clip_requests(tracklet):
@@ -108,10 +110,6 @@ class Progress:
             if self.enabled and now - self._last_print >= self.interval_s:
                 self._last_print = now
                 print(self.line(now), file=self.stream or sys.stderr, flush=True)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
 
     def line(self, now: Optional[float] = None) -> str:
         elapsed = (now or time.perf_counter()) - self.started

@@ -57,7 +57,15 @@ class TrackletScan:
     root: Path
     tracklets: List[Tracklet]
     failures: List[TrackletFailure] = field(default_factory=list)
-    label_sources: Dict[str, int] = field(default_factory=dict)   # "manifest"/"mars_names"/"default" -> count
+    ignored: List[Path] = field(default_factory=list)     # entries of tracklet folders that are neither
+
+    def ignored_summary(self) -> Optional[str]:
+        """One line about the ignored entries, or None when there were none."""
+        if not self.ignored:
+            return None
+        examples = ", ".join(str(path) for path in self.ignored[:3])
+        return (f"ignored {len(self.ignored)} entries of tracklet folders that are neither frames "
+                f"({'/'.join(FRAME_SUFFIXES)} files) nor {POSE_SUFFIX} files, e.g. {examples}")
 
 
 @dataclass(frozen=True)
@@ -150,11 +158,18 @@ def read_manifest(path: Path, default_camera: int) -> Dict[str, Tuple[int, int]]
     return labels
 
 
-def _frame_files(folder: Path) -> List[Path]:
-    return sorted((entry for entry in folder.iterdir()
-                   if entry.is_file() and not entry.name.startswith(".")
-                   and entry.suffix.lower() in FRAME_SUFFIXES),
-                  key=lambda entry: entry.name)
+def _frame_files(folder: Path, ignored: List[Path]) -> List[Path]:
+    """The folder's frame files in name order; other visible entries that are not pose files
+    (a .bmp, ``x.jpg.txt``, a sub-folder, a broken link) go to ``ignored``."""
+    frames = []
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.suffix.lower() in FRAME_SUFFIXES and entry.is_file():
+            frames.append(entry)
+        elif not (entry.suffix == POSE_SUFFIX and entry.is_file()):
+            ignored.append(entry)
+    return sorted(frames, key=lambda entry: entry.name)
 
 
 def _labels_from_mars_names(frames: List[Path]) -> Union[Tuple[int, int], str, None]:
@@ -189,25 +204,23 @@ def discover_tracklets(root: PathLike, default_camera: int = 0) -> TrackletScan:
 
     scan = TrackletScan(root=root, tracklets=[])
     for folder in folders:
-        frames = _frame_files(folder)
+        frames = _frame_files(folder, scan.ignored)
         if not frames:
             scan.failures.append(TrackletFailure(folder.name, f"no frames ({'/'.join(FRAME_SUFFIXES)})"))
             continue
         if folder.name in manifest:
-            (pid, camera), source = manifest[folder.name], "manifest"
+            pid, camera = manifest[folder.name]
         else:
             from_names = _labels_from_mars_names(frames)
             if isinstance(from_names, str):
                 scan.failures.append(TrackletFailure(folder.name, from_names))
                 continue
-            (pid, camera), source = (from_names, "mars_names") if from_names else \
-                ((UNKNOWN_PID, default_camera), "default")
+            pid, camera = from_names or (UNKNOWN_PID, default_camera)
         scan.tracklets.append(Tracklet(
             name=folder.name,
             frame_paths=tuple(frames),
             pose_paths=tuple(frame.with_suffix(POSE_SUFFIX) for frame in frames),
             pid=pid, camera=camera))
-        scan.label_sources[source] = scan.label_sources.get(source, 0) + 1
 
     folder_names = {folder.name for folder in folders}
     for name in manifest:

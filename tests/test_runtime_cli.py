@@ -544,3 +544,18 @@ def test_runtime_tools_import_and_run_without_torch(toy_model, good_pair, tmp_pa
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_summary_counts_folder_entries_that_are_neither_frames_nor_poses(toy_model, good_pair, tmp_path, capsys):
+    (good_pair / "a_good" / "notes.bmp").write_bytes(b"x")
+    (good_pair / "a_good" / "0000.png.txt").write_text("x")
+    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz", "-q") == 0
+    assert "ignored 2 entries of tracklet folders" in capsys.readouterr().out
+
+
+def test_frame_above_the_size_limit_fails_only_its_tracklet(toy_model, good_pair, tmp_path, capsys):
+    gray_tracklet(good_pair, "b_huge", 70, crop=(64, 300))
+    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz",
+                     "--max-frame-side", "256", "-q") == 1
+    out = capsys.readouterr().out
+    assert "2 done, 1 failed" in out and "failed b_huge: frame" in out and "above the limit of 256" in out
