@@ -18,11 +18,11 @@ import numpy as np
 
 from keyreid.cli import quiet_third_party_logs, run_main
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
-from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
+from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.cli_args import add_engine_arguments, add_frame_limit_argument, engine_options, positive_int
-from keyreid.runtime.engines import Engine, check_camera, open_engine
+from keyreid.runtime.engines import Engine, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
 from keyreid.runtime.poses import PoseTally
@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     with open_engine(args.engine[0], **engine_options(args, args.engine[0])) as engine:
         if args.tracklets is not None:
-            reason = check_camera(args.camera, engine.num_cameras)
+            reason = camera_problem(args.camera, engine.num_cameras)
             if reason:
                 raise KeyreidError(f"--camera: {reason}")
             feed = tracklet_clips(args.tracklets, args.clips, args.camera, args.max_frame_side)

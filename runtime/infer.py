@@ -16,11 +16,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from keyreid.cli import Steps, run_main
-from keyreid.contract import MEAN_CAMERA
+from keyreid.contract import MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
 from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, add_runner_arguments,
                                       engine_options, runner_options)
-from keyreid.runtime.engines import check_camera, open_engine
+from keyreid.runtime.engines import open_engine
 from keyreid.runtime.pipeline import (Progress, QueryGalleryResult, TrackletRun, clip_loader,
                                       evaluate_query_gallery, run_tracklets, total_clips)
 from keyreid.runtime.poses import PoseTally
@@ -271,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     steps(f"loading engine {args.engine}")
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:
-        reason = check_camera(args.camera, engine.num_cameras)
+        reason = camera_problem(args.camera, engine.num_cameras)
         if reason:
             raise KeyreidError(f"--camera: {reason}")
         steps(f"running {len(tracklets)} tracklets ({total_clips(tracklets)} clips)")

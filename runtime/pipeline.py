@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
+from keyreid.contract import camera_problem
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engines import check_camera
 from keyreid.runtime.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
 from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE, load_frame
 from keyreid.runtime.poses import PoseTally, load_pose
@@ -170,7 +170,7 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
     failures: Dict[int, TrackletFailure] = {}
     futures = []
     for position, tracklet in enumerate(tracklets):
-        reason = check_camera(tracklet.camera, runner.engine.num_cameras)
+        reason = camera_problem(tracklet.camera, runner.engine.num_cameras)
         if reason:
             failures[position] = TrackletFailure(tracklet.name, reason)
             if progress is not None:

@@ -23,9 +23,9 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from keyreid.contract import INPUT_NAMES
+from keyreid.contract import INPUT_NAMES, camera_problem
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engines import Engine, check_camera
+from keyreid.runtime.engines import Engine
 
 # Clips per batch when the engine itself sets no limit (ONNX Runtime).
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -281,7 +281,7 @@ class Runner:
         array = np.asarray(value)
         if array.shape != () or array.dtype.kind not in "iu":
             raise KeyreidError(f"clip camera must be one integer, got {value!r}")
-        reason = check_camera(int(array), self._num_cameras)
+        reason = camera_problem(int(array), self._num_cameras)
         if reason:
             raise KeyreidError(reason)
         return int(array)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from keyreid.contract import CLIP_FRAMES, MAX_CLIPS_PER_TRACKLET, MEAN_CAMERA
+from keyreid.contract import CLIP_FRAMES, MAX_CLIPS_PER_TRACKLET, MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
 
 PathLike = Union[str, Path]
@@ -119,9 +119,9 @@ def _parse_int(text: str, what: str, where: str) -> int:
 
 
 def _check_camera(camera: int, where: str) -> int:
+    """The lower bound only: the engine, not yet known here, checks the upper one."""
     if camera < MEAN_CAMERA:
-        raise KeyreidError(f"{where}: camera must be a 0-based index or {MEAN_CAMERA} "
-                           f"(mean camera), got {camera}")
+        raise KeyreidError(f"{where}: {camera_problem(camera, None)}")
     return camera
 
 

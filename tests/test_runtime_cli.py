@@ -401,7 +401,7 @@ def test_bad_engine_file_is_a_one_line_error(toy_model, good_pair, tmp_path, cap
 def test_camera_option_out_of_range_is_a_clear_error(toy_model, good_pair, tmp_path, capsys):
     assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz",
                      "--camera", "6", "-q") == 1
-    assert "error: --camera: camera 6 is out of range: this engine takes 0..5" in capsys.readouterr().err
+    assert "error: --camera: camera 6 is out of range: this model takes 0..5" in capsys.readouterr().err
 
 
 def test_manifest_camera_out_of_range_fails_that_tracklet(toy_model, good_pair, tmp_path, capsys):
