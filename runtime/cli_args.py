@@ -10,6 +10,7 @@ from typing import Dict, List
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import ONNX_SUFFIXES
 from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE
+from keyreid.runtime.pipeline import DEFAULT_STALL_TIMEOUT_S
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -87,6 +88,10 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, metavar="N",
                        help="threads decoding frames and poses while the engine runs "
                             "(default: %(default)d)")
+    group.add_argument("--stall-timeout", type=non_negative_float, default=DEFAULT_STALL_TIMEOUT_S,
+                       metavar="S",
+                       help="fail the tracklets still waiting when nothing finished for this long "
+                            "(a hung engine) (default: %(default)g)")
     return group
 
 
@@ -116,5 +121,5 @@ def runner_options(args: argparse.Namespace) -> Dict[str, object]:
     """Keyword arguments for ``Runner(engine, ...)`` (without ``preprocess``)."""
     return {"max_batch_size": args.max_batch, "max_queue_delay_ms": args.queue_delay_ms,
             "max_queue_size": args.queue_size, "block_when_full": True,
-            "preprocess_workers": args.workers}
+            "block_timeout_s": args.stall_timeout, "preprocess_workers": args.workers}
 

@@ -279,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress = Progress(len(tracklets), total_clips(tracklets), interval_s=args.progress_seconds,
                             enabled=not args.quiet)
         with Runner(engine, preprocess=clip_loader(tally, args.max_frame_side), **runner_options(args)) as runner:
-            run = run_tracklets(runner, tracklets, tally, progress)
+            run = run_tracklets(runner, tracklets, tally, progress, stall_timeout_s=args.stall_timeout)
     steps.done()
 
     failures = sets.failures + run.failures

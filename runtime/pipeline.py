@@ -13,6 +13,7 @@ run's ``PoseTally``.
 import sys
 import threading
 import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
@@ -24,8 +25,13 @@ from keyreid.errors import KeyreidError
 from keyreid.runtime.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
 from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE, load_frame
 from keyreid.runtime.poses import PoseTally, load_pose
-from keyreid.runtime.runner import Preprocess, Runner
+from keyreid.runtime.runner import Preprocess, QueueFull, Runner
 from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet, TrackletFailure, num_clips, split_into_clips
+
+
+# run_tracklets fails what still waits when no tracklet finished for this long (a hung engine).
+DEFAULT_STALL_TIMEOUT_S = 600.0
+_POLL_S = 0.5       # how often a wait checks that the runner still serves
 
 
 def clip_requests(tracklet: Tracklet) -> List[Dict[str, Any]]:
@@ -157,13 +163,29 @@ def describe_failure(exception: BaseException) -> str:
     return f"{type(exception).__name__}: {text}" if text else type(exception).__name__
 
 
+def _wait_for(future: Future, runner: Runner, deadline: float, stall_timeout_s: float) -> Optional[BaseException]:
+    """The future's exception (None on success), polling so that a dead scheduler or an engine
+    that stops finishing work turns into a failure instead of a wait without end."""
+    while True:
+        try:
+            return future.exception(timeout=min(_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        except FutureTimeout:
+            pass
+        if not runner.is_serving and not future.done():
+            return KeyreidError("the runner stopped before this tracklet finished")
+        if time.monotonic() > deadline:
+            return KeyreidError(f"nothing finished for {stall_timeout_s:g} s: the engine appears hung")
+
+
 def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: PoseTally,
-                  progress: Optional[Progress] = None) -> TrackletRun:
+                  progress: Optional[Progress] = None,
+                  stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> TrackletRun:
     """Submit every tracklet to ``runner`` and gather features and failures, in input order.
 
     The runner must have been built with ``preprocess=clip_loader(pose_tally)``. Tracklets whose
     camera the engine does not know fail here, before any frame is decoded. ``submit_tracklet``
     blocks while the runner's queue is full, which bounds the decoded frames held in memory.
+    When no tracklet finishes for ``stall_timeout_s`` seconds, the ones still waiting fail.
     """
     tracklets = list(tracklets)
     started = time.perf_counter()
@@ -177,16 +199,25 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
                 progress.done(0, failed=True)
             continue
         clips = clip_requests(tracklet)
-        future = runner.submit_tracklet(clips)
+        try:
+            future = runner.submit_tracklet(clips)
+        except QueueFull as exc:        # the engine stopped freeing room (block_timeout_s)
+            failures[position] = TrackletFailure(tracklet.name, str(exc))
+            continue
         if progress is not None:
             future.add_done_callback(
                 lambda done, count=len(clips): progress.done(count if done.exception() is None else 0,
                                                              failed=done.exception() is not None))
         futures.append((position, len(clips), future))
 
-    indices, features, clips_done = [], [], 0
+    indices, features, clips_done, stalled = [], [], 0, False
+    deadline = time.monotonic() + stall_timeout_s
     for position, count, future in futures:
-        exception = future.exception()
+        exception = _wait_for(future, runner, deadline, stall_timeout_s)
+        if future.done():
+            deadline = time.monotonic() + stall_timeout_s
+        else:
+            stalled = True
         if exception is not None:
             failures[position] = TrackletFailure(tracklets[position].name, describe_failure(exception))
             continue
@@ -195,6 +226,8 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
         clips_done += count
 
     width = features[0].shape[0] if features else runner.engine.embedding_dim
+    if stalled:
+        runner.close(cancel=True)      # do not leave the hung requests for close() to wait on
     return TrackletRun(
         tracklets=tracklets,
         indices=np.array(indices, dtype=np.int64),
