@@ -7,6 +7,8 @@ that nothing on these paths needs torch. The exported model is the session's red
 camera-blind so that distances follow the pixel values alone.
 """
 import json
+import signal
+import time
 import os
 import subprocess
 import sys
@@ -559,3 +561,39 @@ def test_frame_above_the_size_limit_fails_only_its_tracklet(toy_model, good_pair
                      "--max-frame-side", "256", "-q") == 1
     out = capsys.readouterr().out
     assert "2 done, 1 failed" in out and "failed b_huge: frame" in out and "above the limit of 256" in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_infer_cancels_the_queued_clips_and_exits_promptly(toy_model, tmp_path, signum):
+    root = tmp_path / "tracklets"
+    for index in range(30):
+        gray_tracklet(root, f"t{index:02d}", index, num_frames=8)
+    calls = tmp_path / "calls.txt"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from keyreid.cli import run_main
+        from keyreid.runtime import engine_ort, infer
+        original = engine_ort.OrtEngine.infer_impl
+        def slow(self, feed):
+            with open({str(calls)!r}, "a") as log:
+                log.write(f"{{time.monotonic()}}\\n")
+            time.sleep(0.2)
+            return original(self, feed)
+        engine_ort.OrtEngine.infer_impl = slow
+        sys.exit(run_main(infer.main, ["--engine", {str(toy_model)!r}, "--tracklets", {str(root)!r},
+                                       "-o", {str(tmp_path / "out.npz")!r}, "--max-batch", "1", "-q"]))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while not (calls.exists() and len(calls.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    signalled = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    assert time.monotonic() - signalled < 5
+    after = [float(line) for line in calls.read_text().splitlines() if float(line) > signalled]
+    assert len(after) <= 1                       # at most the batch already on its way
+    assert len(calls.read_text().splitlines()) < 60 * 0.5
+    assert sorted(os.listdir(tmp_path)) == ["calls.txt", "tracklets"]
