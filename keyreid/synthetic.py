@@ -5,11 +5,11 @@ OpenPifPaf output on pedestrian crops: a standing skeleton with head joints a fe
 occluded joints (confidence <= 0.1, or exactly [0, 0, 0] as OpenPifPaf writes undetected ones),
 joints just outside the crop, and now and then a body part with no valid joint in any frame.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, NUM_KEYPOINTS
+from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MEAN_CAMERA, NUM_KEYPOINTS
 from keyreid.kernels.body_parts import JOINT_GROUPS
 
 MARS_CROP_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)          # (width, height) = (128, 256)
@@ -123,3 +123,21 @@ def synthetic_frames(rng: np.random.Generator, n_clips: int) -> np.ndarray:
             image = np.where(figure, colour, background) + noise
             frames[clip, frame] = np.clip(image, 0, 255).astype(np.uint8)
     return frames
+
+
+def synthetic_feed(num_clips: int, num_cameras: Optional[int], seed: int = 0,
+                   crop_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, np.ndarray]:
+    """An engine feed (SPEC section 6) of ``num_clips`` synthetic clips with realistic poses.
+
+    The one source of sample clips for the export's verification, ``compare.py``, the
+    benchmarks and the tests. Cameras cycle -1, 0, ..., C-1 (only -1 when ``num_cameras`` is
+    None, which is all an engine of unknown camera count accepts).
+
+    Args:
+        crop_sizes: (width, height) choices for the keypoints; default DEFAULT_CROP_SIZES.
+    """
+    rng = np.random.default_rng(seed)
+    keypoints, crop_size = realistic_keypoints(rng, num_clips, crop_sizes=crop_sizes)
+    camera = (np.arange(num_clips) % ((num_cameras or 0) + 1) + MEAN_CAMERA).astype(np.int64)
+    return {"frames": synthetic_frames(rng, num_clips), "keypoints": keypoints,
+            "crop_size": crop_size, "camera": camera}

@@ -1,5 +1,5 @@
 """The runtime's command-line tools: infer.py (tracklet embeddings, MARS and query/gallery
-evaluation, the ranking figure) and compare.py (engine vs engine, engine vs checkpoint).
+evaluation, the ranking figure) and compare.py (engine vs engine, engine vs a checkpoint's reference file).
 
 Most runs call ``main(argv)`` in-process; a few subprocesses check the scripts' entry points and
 that nothing on these paths needs torch. The exported model is the session's reduced one
@@ -473,12 +473,44 @@ def test_compare_engine_with_itself_agrees_exactly(reduced_onnx, capsys):
     assert "6/6 clips agree" in out and out.rstrip().endswith("PASS")
 
 
-def test_compare_engine_with_its_checkpoint_passes_at_fp32_tolerance(reduced_onnx, reduced_checkpoint, capsys):
-    assert run_compare("--engine", reduced_onnx, "--checkpoint", reduced_checkpoint, "--clips", "6",
-                       "--min-agreement", "1") == 0
+@pytest.fixture(scope="module")
+def reduced_reference(reduced_checkpoint, tmp_path_factory):
+    """Reference results of the reduced checkpoint, written by the export CLI."""
+    from keyreid.export.reference_outputs import main
+    output = tmp_path_factory.mktemp("reference") / "reduced_reference.npz"
+    assert main([str(reduced_checkpoint), "-o", str(output), "--clips", "6", "-q"]) == 0
+    return output
+
+
+def test_compare_engine_with_its_checkpoints_reference_file_passes_at_fp32_tolerance(reduced_onnx, reduced_reference,
+                                                                                       capsys):
+    assert run_compare("--engine", reduced_onnx, "--reference", reduced_reference, "--min-agreement", "1") == 0
     out = capsys.readouterr().out
-    assert "heatmap mode max" in out                 # read from the engine's metadata
+    assert "heatmap mode max" in out and "6 clips of" in out
     assert table_row(out, "embedding")[3] <= 1e-4
+
+
+def test_compare_with_a_reference_file_of_another_heatmap_mode_warns_and_fails(reduced_onnx, reduced_checkpoint,
+                                                                                 tmp_path, capsys):
+    from keyreid.export.reference_outputs import main
+    reference = tmp_path / "blank.npz"
+    assert main([str(reduced_checkpoint), "-o", str(reference), "--clips", "3", "--heatmap-mode", "blank", "-q"]) == 0
+    assert run_compare("--engine", reduced_onnx, "--reference", reference) == 1
+    captured = capsys.readouterr()
+    assert "heatmap mode max, the reference file used blank" in captured.err
+    assert "FAIL: " in captured.out and "part_weights: max abs error" in captured.out
+
+
+@pytest.mark.parametrize("content", [b"", b"not an npz", None])
+def test_compare_with_a_file_that_is_not_a_reference_is_a_one_line_error(toy_model, tmp_path, capsys, content):
+    path = tmp_path / "ref.npz"
+    if content is None:
+        np.savez(path, something=np.zeros(3))
+    else:
+        path.write_bytes(content)
+    assert run_compare("--engine", toy_model, "--reference", path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a reference file" in err and err.count("\n") == 1
 
 
 def test_compare_mismatching_models_exits_1(toy_model, tmp_path, capsys):
@@ -491,14 +523,6 @@ def test_compare_mismatching_models_exits_1(toy_model, tmp_path, capsys):
 def test_compare_on_clips_from_tracklets(toy_model, realistic_dir, capsys):
     assert run_compare("--engine", toy_model, "--engine", toy_model, "--tracklets", realistic_dir) == 0
     assert "7 clips from" in capsys.readouterr().out
-
-
-def test_compare_checkpoint_without_torch_names_the_export_extra(toy_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "torch", None)
-    assert run_compare("--engine", toy_model, "--checkpoint", tmp_path / "any.pth", "--clips", "2") == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: --checkpoint runs the PyTorch reference model: torch is not installed")
-    assert 'keyreid[export]' in err
 
 
 def test_retrieval_agreement_counts_identical_top_k_lists():
