@@ -30,7 +30,6 @@ setup(
         "keyreid.export": "export",
         "keyreid.runtime": "runtime",
     },
-    package_data={"keyreid.kernels": ["cuda/*.cu", "cuda/*.h", "cuda/*.cpp"]},
     install_requires=RUNTIME,
     extras_require={
         "runtime": [],

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from keyreid.cli import Steps, quiet_third_party_logs, run_main
-from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
+from keyreid.contract import DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, HEATMAP_MODES, ONNX_OPSET, PRECISIONS
 from keyreid.errors import KeyreidError
 from keyreid.files import atomic_output, check_distinct_outputs, check_writable
 
@@ -45,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heatmap-mode", choices=HEATMAP_MODES, default=DEFAULT_HEATMAP_MODE,
                         help="how keypoints become part heatmaps; must match training "
                              f"(default: {DEFAULT_HEATMAP_MODE}; see below)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help="fp32: exact; fp16: fp16 weights and matmuls for GPUs/TensorRT "
                              "(LayerNorm, softmax, the op and outputs stay fp32); int8: ONNX "
                              "Runtime dynamic quantisation for CPUs (default: fp32)")
     parser.add_argument("--opset", type=int, default=None,
-                        help="ONNX opset of the standard ops (default: 18, the lowest supported)")
+                        help=f"ONNX opset of the standard ops (default: {ONNX_OPSET}, the lowest supported)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime parity check against the reference model")
     parser.add_argument("--verify-clips", type=int, default=3, metavar="N",

@@ -7,8 +7,8 @@ Forms of the op, all tested against the NumPy reference:
 - ``keyreid.kernels.onnx_function``: the ``keyreid::KeypointPartPool`` ONNX local function.
 - ``keyreid.kernels.graph_op``: the torch custom op that exports as that one ONNX node.
 
-Importing this package does not import torch: the runtime uses ``part_weights`` on machines
-without it, where it falls back to the reference.
+Importing this package does not import torch; ``part_weights`` falls back to the NumPy
+reference on machines without it.
 """
 import numpy as np
 

@@ -30,6 +30,10 @@ Precision = Literal["fp32", "fp16", "int8"]          # of an exported model
 PRECISIONS: Tuple[str, ...] = get_args(Precision)
 DEFAULT_PRECISION: Precision = "fp32"
 
+# The exported graph's default-domain opset: the dynamo exporter's lowest, and what the
+# KeypointPartPool function body is written against (newer opsets are accepted).
+ONNX_OPSET = 18
+
 OP_DOMAIN = "keyreid"
 OP_NAME = "KeypointPartPool"
 OP_PLUGIN_VERSION = "1"
