@@ -66,22 +66,12 @@ def export_reduced_engine(workdir: Path) -> Path:
 
 def make_tracklet_folder(root: Path, num_tracklets: int = 12, frames_per_tracklet: int = 24, seed: int = 0) -> Path:
     """``num_tracklets`` folders of JPEG frames (crops of several sizes) with realistic .pose files."""
-    import cv2
-    from keyreid.synthetic import realistic_keypoints, synthetic_frames
+    from keyreid.synthetic import write_synthetic_tracklet
 
     rng = np.random.default_rng(seed)
-    clips = -(-frames_per_tracklet // 4)
     for index in range(num_tracklets):
-        width, height = CROP_SIZES[index % len(CROP_SIZES)]
-        frames = synthetic_frames(rng, clips).reshape(-1, 256, 128, 3)[:frames_per_tracklet]
-        keypoints, _ = realistic_keypoints(rng, clips, crop_sizes=[(width, height)], size_jitter_px=0)
-        folder = root / f"tracklet_{index:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for frame_index, (frame, pose) in enumerate(zip(frames, keypoints.reshape(-1, 17, 3))):
-            if (width, height) != (128, 256):
-                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
-            cv2.imwrite(str(folder / f"{frame_index:04d}.jpg"), np.ascontiguousarray(frame[..., ::-1]))
-            (folder / f"{frame_index:04d}.pose").write_text(json.dumps(pose.tolist()))
+        write_synthetic_tracklet(root / f"tracklet_{index:03d}", frames_per_tracklet, rng,
+                                 crop_size=CROP_SIZES[index % len(CROP_SIZES)])
     return root
 
 

@@ -24,7 +24,7 @@ from keyreid import files as result_files
 from keyreid.runtime import compare, images, infer, poses, ranking_figure
 from keyreid.runtime.engines import open_engine
 from keyreid.runtime.tracklets import split_into_clips
-from keyreid.synthetic import realistic_keypoints, synthetic_frames
+from keyreid.synthetic import write_synthetic_tracklet
 
 from toy_engine_model import build_toy_model
 
@@ -50,20 +50,11 @@ def write_pose(path: Path, keypoints: np.ndarray) -> Path:
 
 def realistic_tracklet(root: Path, name: str, num_frames: int, crop=(128, 256), suffix=".jpg", seed=0,
                        without_pose=()) -> Path:
-    """Synthetic person frames at ``crop`` (width, height) with realistic .pose files."""
-    rng = np.random.default_rng(seed)
-    clips = -(-num_frames // 4)
-    frames = synthetic_frames(rng, clips).reshape(-1, 256, 128, 3)[:num_frames]
-    keypoints, _ = realistic_keypoints(rng, clips, crop_sizes=[crop], size_jitter_px=0)
-    keypoints = keypoints.reshape(-1, 17, 3)[:num_frames]
-    folder = root / name
-    folder.mkdir(parents=True)
-    for index in range(num_frames):
-        frame = frames[index] if crop == (128, 256) else cv2.resize(frames[index], crop, interpolation=cv2.INTER_AREA)
-        write_frame(folder / f"{index:04d}{suffix}", frame)
-        if index not in without_pose:
-            write_pose(folder / f"{index:04d}.pose", keypoints[index])
-    return folder
+    """Synthetic person frames with realistic .pose files; crops other than MARS's 128x256 vary
+    by a few pixels from frame to frame, so per-frame sizes and keypoints are exercised."""
+    return write_synthetic_tracklet(root / name, num_frames, np.random.default_rng(seed), crop_size=crop,
+                                    size_jitter_px=0 if crop == (128, 256) else 6, suffix=suffix,
+                                    without_pose=without_pose)
 
 
 def gray_tracklet(root: Path, name: str, level: int, num_frames: int = 1, crop=(128, 256)) -> Path:
@@ -165,6 +156,32 @@ def test_opencv_preprocessing_agrees_with_upstreams_pil_path_on_other_crop_sizes
     for name, crop in ((name, crop) for name, _, crop, _ in REALISTIC_TRACKLETS if crop != (128, 256)):
         comparison = compare_output(name, ours[name][None], upstream[name][None], Tolerance(min_cosine=0.9999))
         assert comparison.passed, comparison.failures
+
+
+def test_each_frame_of_a_clip_keeps_its_own_crop_size_keypoints_and_part_weights(reduced_onnx, realistic_dir):
+    """Crop sizes and poses differ within a tracklet; the loader must keep frame i's own size and
+    pose in slot i, and the engine's part weights W (tested directly, SPEC section 5) must be
+    the reference op's on exactly those per-frame inputs."""
+    from keyreid.kernels import part_weights_reference
+    from keyreid.runtime.pipeline import clip_loader, clip_requests
+    from keyreid.runtime.runner import Runner
+    from keyreid.runtime.tracklets import discover_tracklets
+
+    tracklet = next(t for t in discover_tracklets(realistic_dir).tracklets if t.name == "d_nine")
+    requests = clip_requests(tracklet)
+    clips = [clip_loader()(request) for request in requests]
+    for request, clip in zip(requests, clips):
+        for slot, frame_path in enumerate(request["frames"]):
+            height, width = cv2.imread(str(frame_path)).shape[:2]
+            assert clip["crop_size"][slot].tolist() == [width, height]
+            assert np.array_equal(clip["keypoints"][slot], poses.read_pose(frame_path.with_suffix(".pose"))[0])
+    sizes = {tuple(size) for clip in clips for size in clip["crop_size"].tolist()}
+    assert len(sizes) > 3                                # the sizes really vary within the tracklet
+    with open_engine(reduced_onnx) as engine, Runner(engine, max_queue_delay_ms=0) as runner:
+        results = [runner.submit_clip(clip).result(timeout=60) for clip in clips]
+    for clip, result in zip(clips, results):
+        expected = part_weights_reference(clip["keypoints"][None], clip["crop_size"][None], "max")[0]
+        np.testing.assert_allclose(result["part_weights"], expected, atol=1e-5)
 
 
 def test_unlabelled_tracklets_get_unknown_pid_and_the_default_camera(toy_model, realistic_dir, tmp_path):
