@@ -37,9 +37,10 @@ sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
 from machine import banner, describe  # noqa: E402
 
+from keyreid.contract import stack_clips  # noqa: E402
 from keyreid.runtime.engines import open_engine  # noqa: E402
 from keyreid.runtime.pipeline import (clip_loader, clip_requests, load_tracklet_clips, run_tracklets,  # noqa: E402
-                                      stack_clips, total_clips)
+                                      total_clips)
 from keyreid.runtime.poses import PoseTally  # noqa: E402
 from keyreid.runtime.runner import Runner  # noqa: E402
 from keyreid.runtime.tracklets import discover_tracklets  # noqa: E402

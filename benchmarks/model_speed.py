@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
-import numpy as np
-
 
 def median_seconds(call: Callable[[], object], repeats: int) -> float:
     call()  # warm-up: first-run allocations and lazy initialisation stay out of the numbers

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from keyreid.contract import NUM_PARTS, NUM_TOKENS, PATCH_SIZE
+from keyreid.contract import NUM_TOKENS, PATCH_SIZE
 from keyreid.errors import KeyreidError
 from keyreid.export.config import ModelConfig
 from keyreid.lazy import require

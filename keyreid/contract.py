@@ -93,6 +93,15 @@ def output_specs(embed_dim: int = 768) -> Tuple[TensorSpec, ...]:
     )
 
 
+def stack_clips(clips) -> "dict[str, np.ndarray]":
+    """Per-clip dicts (``frames`` [4, 256, 128, 3], ``keypoints``, ``crop_size``, ``camera``) ->
+    one engine feed laid out as SPEC section 6, in the contract's dtypes."""
+    if not clips:
+        raise ValueError("no clips to stack into a batch")
+    return {spec.name: np.stack([np.asarray(clip[spec.name]) for clip in clips]).astype(spec.dtype, copy=False)
+            for spec in INPUTS}
+
+
 OUTPUTS = output_specs(768)
 INPUT_NAMES = tuple(spec.name for spec in INPUTS)
 OUTPUT_NAMES = tuple(spec.name for spec in OUTPUTS)

@@ -22,13 +22,13 @@ import numpy as np
 
 from keyreid.cli import run_main
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
-from keyreid.contract import camera_problem
+from keyreid.contract import camera_problem, stack_clips
 from keyreid.errors import KeyreidError
 from keyreid.reference_results import read_reference_results
 from keyreid.runtime.cli_args import add_engine_arguments, add_frame_limit_argument, engine_options, positive_int
 from keyreid.runtime.engines import Engine, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
-from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
+from keyreid.runtime.pipeline import load_tracklet_clips
 from keyreid.runtime.poses import PoseTally
 from keyreid.runtime.runner import DEFAULT_MAX_BATCH_SIZE
 from keyreid.runtime.tracklets import discover_tracklets

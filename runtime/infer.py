@@ -21,8 +21,8 @@ from keyreid.errors import KeyreidError
 from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, add_runner_arguments,
                                       engine_options, runner_options)
 from keyreid.runtime.engines import open_engine
-from keyreid.runtime.pipeline import (Progress, QueryGalleryResult, TrackletRun, clip_loader,
-                                      evaluate_query_gallery, run_tracklets, total_clips)
+from keyreid.runtime.pipeline import Progress, TrackletRun, clip_loader, run_tracklets, total_clips
+from keyreid.runtime.query_gallery import QueryGalleryResult, evaluate_query_gallery
 from keyreid.runtime.poses import PoseTally
 from keyreid.files import check_distinct_outputs, check_not_among, check_writable, write_bytes, write_json, write_npz
 from keyreid.runtime.runner import Runner

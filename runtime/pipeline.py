@@ -7,8 +7,6 @@ the camera, and ``clip_loader`` decodes it (frames via ``images.load_frame``, ke
 failed one into a ``TrackletFailure``: one corrupt frame fails its own tracklet and nothing else.
 A missing or bad pose file is not a failure; it reads as "no joint visible" and is counted in the
 run's ``PoseTally``.
-
-``evaluate_query_gallery`` then ranks the gallery for every query with the MARS protocol.
 """
 import sys
 import threading
@@ -22,11 +20,10 @@ import numpy as np
 
 from keyreid.contract import camera_problem
 from keyreid.errors import KeyreidError
-from keyreid.runtime.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
 from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE, load_frame
 from keyreid.runtime.poses import PoseTally, load_pose
 from keyreid.runtime.runner import Preprocess, QueueFull, Runner
-from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet, TrackletFailure, num_clips, split_into_clips
+from keyreid.runtime.tracklets import Tracklet, TrackletFailure, num_clips, split_into_clips
 
 
 # run_tracklets fails what still waits when no tracklet finished for this long (a hung engine).
@@ -64,16 +61,6 @@ def clip_loader(pose_tally: Optional[PoseTally] = None, max_frame_side: int = DE
                 "crop_size": np.array([size for _, size in frames], dtype=np.float32),
                 "camera": clip["camera"]}
     return load
-
-
-def stack_clips(clips: Sequence[Dict[str, Any]]) -> Dict[str, np.ndarray]:
-    """Decoded clips (``clip_loader`` results) -> one engine feed, laid out as SPEC section 6."""
-    if not clips:
-        raise KeyreidError("no clips to stack into a batch")
-    return {"frames": np.stack([clip["frames"] for clip in clips]),
-            "keypoints": np.stack([clip["keypoints"] for clip in clips]).astype(np.float32, copy=False),
-            "crop_size": np.stack([clip["crop_size"] for clip in clips]).astype(np.float32, copy=False),
-            "camera": np.array([clip["camera"] for clip in clips], dtype=np.int64)}
 
 
 def load_tracklet_clips(tracklets: Sequence[Tracklet], pose_tally: Optional[PoseTally] = None,
@@ -240,47 +227,3 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
 
 def total_clips(tracklets: Sequence[Tracklet]) -> int:
     return sum(num_clips(tracklet.num_frames) for tracklet in tracklets)
-
-
-@dataclass
-class QueryGalleryResult:
-    ranking: RankingResult
-    distances: np.ndarray               # [queries, gallery] squared Euclidean
-    query: List[Tracklet]               # the queries that were ranked (known identity)
-    gallery: List[Tracklet]
-    unlabelled_queries: List[str]       # queries without an identity, left out
-
-
-def evaluate_query_gallery(query: Sequence[Tracklet], query_features: np.ndarray,
-                           gallery: Sequence[Tracklet], gallery_features: np.ndarray) -> QueryGalleryResult:
-    """CMC and mAP with the MARS protocol (SPEC section 4) on tracklet features.
-
-    Queries with an unknown identity (pid -1) cannot be scored and are left out (and listed);
-    gallery entries with an unknown identity stay, as distractors that never match.
-    """
-    if len(query) != len(query_features) or len(gallery) != len(gallery_features):
-        raise KeyreidError("each query and gallery tracklet needs exactly one feature")
-    labelled = [index for index, tracklet in enumerate(query) if tracklet.pid != UNKNOWN_PID]
-    unlabelled = [tracklet.name for tracklet in query if tracklet.pid == UNKNOWN_PID]
-    if not labelled:
-        raise KeyreidError("no query tracklet has a known identity: give identities in manifest.csv "
-                           "(tracklet,pid,camera) or use MARS-style frame names")
-    if not gallery:
-        raise KeyreidError("the gallery is empty: no gallery tracklet produced a feature")
-    query = [query[index] for index in labelled]
-    distances = squared_euclidean_distances(np.asarray(query_features)[labelled], gallery_features)
-    ranking = evaluate_rankings(distances,
-                                [tracklet.pid for tracklet in query], [tracklet.pid for tracklet in gallery],
-                                [tracklet.camera for tracklet in query],
-                                [tracklet.camera for tracklet in gallery])
-    return QueryGalleryResult(ranking, distances, query, list(gallery), unlabelled)
-
-
-def valid_gallery_order(distances_row: np.ndarray, query: Tracklet, gallery: Sequence[Tracklet]) -> np.ndarray:
-    """Gallery indices for one query, nearest first, without same-identity same-camera entries
-    (what the protocol ranks)."""
-    order = np.argsort(distances_row, kind="stable")
-    keep = [index for index in order
-            if not (gallery[index].pid == query.pid and gallery[index].camera == query.camera)]
-    return np.array(keep, dtype=np.int64)
-

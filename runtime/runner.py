@@ -7,7 +7,7 @@ oldest waiting clip has waited ``max_queue_delay_ms``. A tracklet's clips may tr
 batches; its feature is the mean of its clip embeddings (SPEC section 4).
 
 Optional preprocessing (for example decoding frames from image files) runs on a thread pool,
-so it overlaps with inference: ``Runner(engine, preprocess=load_frames_with(load_frame))``.
+so it overlaps with inference: ``Runner(engine, preprocess=pipeline.clip_loader(tally))``.
 
 Failures stay with their request: a bad clip, a camera out of range, a preprocessing error,
 non-finite outputs, or an engine error on a batch (its requests are retried one by one, so a
@@ -31,7 +31,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from keyreid.contract import INPUT_NAMES, camera_problem
+from keyreid.contract import INPUT_NAMES, camera_problem, stack_clips
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import Engine
 
@@ -51,29 +51,6 @@ class QueueFull(KeyreidError):
 
 class Cancelled(KeyreidError):
     """The runner was cancelled (``close(cancel=True)``) before the request finished."""
-
-
-def load_frames_with(load_frame: Callable[[Any], Any]) -> Preprocess:
-    """A ``preprocess`` hook that decodes a clip's ``frames`` given as a sequence of paths.
-
-    ``load_frame(path)`` returns one RGB frame [256, 128, 3] uint8, or ``(frame, (width,
-    height))`` as ``images.load_frame`` does; then ``crop_size`` is filled from the decoded files
-    unless the clip already has one. Clips whose ``frames`` are already an array pass through.
-    For anything more (poses from files too), pass your own callable as ``preprocess``.
-    """
-    def preprocess(clip: Clip) -> Clip:
-        frames = clip["frames"]
-        if isinstance(frames, np.ndarray):
-            return clip
-        loaded = [load_frame(path) for path in frames]
-        decoded = dict(clip)
-        if loaded and isinstance(loaded[0], tuple):
-            decoded["frames"] = np.stack([frame for frame, _ in loaded])
-            decoded.setdefault("crop_size", np.array([size for _, size in loaded], np.float32))
-        else:
-            decoded["frames"] = np.stack(loaded)
-        return decoded
-    return preprocess
 
 
 def tracklet_feature(clip_embeddings: np.ndarray) -> np.ndarray:
@@ -133,7 +110,7 @@ class Runner:
             block_timeout_s: longest ``submit_*`` waits for room before raising QueueFull
                 (None: as long as it takes; the engine frees room as it works).
             preprocess: turns a submitted clip into one with decoded arrays (for example
-                ``load_frames_with(images.load_frame)``); runs on ``preprocess_workers`` threads.
+                ``pipeline.clip_loader(tally)``); runs on ``preprocess_workers`` threads.
             preprocess_workers: size of the preprocessing thread pool.
         """
         if max_queue_size < 1:
@@ -416,7 +393,7 @@ class Runner:
         """Run one batch; if it fails, retry its requests one by one (a single request too: the
         failure may be a one-off), so only a request that fails again on its own fails."""
         try:
-            self._deliver(batch, self.engine.infer(self._stack(batch)))
+            self._deliver(batch, self.engine.infer(stack_clips([item.arrays for item in batch])))
             return
         except BaseException:       # an engine may raise anything; the retry below decides
             pass
@@ -427,13 +404,9 @@ class Runner:
             if items[0].request.done:
                 continue
             try:
-                self._deliver(items, self.engine.infer(self._stack(items)))
+                self._deliver(items, self.engine.infer(stack_clips([item.arrays for item in items])))
             except BaseException as exc:
                 self._fail(items[0].request, exc)
-
-    @staticmethod
-    def _stack(items: List[_ClipItem]) -> Dict[str, np.ndarray]:
-        return {name: np.stack([item.arrays[name] for item in items]) for name in INPUT_NAMES}
 
     def _deliver(self, items: List[_ClipItem], outputs: Dict[str, np.ndarray]) -> None:
         embeddings, part_weights = outputs["embedding"], outputs["part_weights"]

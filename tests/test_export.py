@@ -1,5 +1,4 @@
 """The exported ONNX model computes what the checkpoint computes and honours SPEC section 6."""
-import copy
 import subprocess
 import sys
 from pathlib import Path

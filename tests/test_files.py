@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from keyreid import files
-from keyreid.errors import KeyreidError
 
 from test_runtime_cli import gray_tracklet, run_infer, toy_model  # noqa: F401  (fixture)
 

@@ -401,7 +401,7 @@ def test_missing_tracklet_directory_raises(tmp_path):
 @pytest.mark.parametrize("manifest,message", [
     ("tracklet,pid\nalice,1\n", "needs the columns"),
     ("tracklet,pid,camera\nalice,one,0\n", "pid must be an integer"),
-    ("tracklet,pid,camera\nalice,1,-2\n", "camera must be"),
+    ("tracklet,pid,camera\nalice,1,-2\n", "camera -2 is out of range"),
     ("tracklet,pid,camera\nalice,1,0\nalice,1,0\n", "listed twice"),
 ])
 def test_bad_manifest_raises_naming_the_problem(tmp_path, manifest, message):

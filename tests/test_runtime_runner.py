@@ -11,7 +11,7 @@ import pytest
 
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engine_ort import OrtEngine
-from keyreid.runtime.runner import Cancelled, QueueFull, Runner, load_frames_with, tracklet_feature
+from keyreid.runtime.runner import Cancelled, QueueFull, Runner, tracklet_feature
 
 from toy_engine_model import batch_feed, build_toy_model, random_clip
 
@@ -62,6 +62,20 @@ class GatedEngine(CountingEngine):
         self.entered.set()
         assert self.gate.wait(10)
         return super().infer_impl(feed)
+
+
+def load_frames_with(load_frame):
+    """A preprocess hook for these tests: ``frames`` given as 'paths', decoded by ``load_frame``
+    (which may also return the crop size, as images.load_frame does)."""
+    def preprocess(clip):
+        if isinstance(clip["frames"], np.ndarray):
+            return clip
+        loaded = [load_frame(path) for path in clip["frames"]]
+        if isinstance(loaded[0], tuple):
+            return dict(clip, frames=np.stack([frame for frame, _ in loaded]),
+                        crop_size=np.array([size for _, size in loaded], np.float32))
+        return dict(clip, frames=np.stack(loaded))
+    return preprocess
 
 
 def single(engine, clip):
