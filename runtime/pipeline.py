@@ -43,12 +43,15 @@ def clip_requests(tracklet: Tracklet) -> List[Dict[str, Any]]:
 def clip_loader(pose_tally: Optional[PoseTally] = None, max_frame_side: int = DEFAULT_MAX_FRAME_SIDE) -> Preprocess:
     """The runner's ``preprocess`` hook for ``clip_requests``: decode frames, read poses.
 
+    A clip whose ``frames`` are already an array passes through, so one runner serves both.
     A frame repeated inside a clip (a short tracklet's cycled frames) is decoded and counted
     once. A frame that cannot be decoded, or declares a side above ``max_frame_side`` pixels,
     raises (failing its tracklet); a pose file that is missing or bad gives zeros and is
     recorded in ``pose_tally``.
     """
     def load(clip: Dict[str, Any]) -> Dict[str, Any]:
+        if isinstance(clip["frames"], np.ndarray):      # already decoded: passes through
+            return clip
         decoded: Dict[Path, Tuple[np.ndarray, Tuple[int, int]]] = {}
         keypoints: Dict[Path, np.ndarray] = {}
         for frame_path, pose_path in zip(clip["frames"], clip["poses"]):

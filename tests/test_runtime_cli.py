@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from keyreid.cli import run_main
+from keyreid.errors import KeyreidError
 from keyreid.comparator import Tolerance, compare_output
 from keyreid import files as result_files
 from keyreid.runtime import compare, images, infer, poses, ranking_figure
@@ -463,7 +464,7 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_partial(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(result_files.os, "replace", failing_replace)
-    with pytest.raises(Exception, match="No space left"):
+    with pytest.raises(KeyreidError, match="No space left"):
         result_files.write_npz(target, {"embeddings": np.zeros((2, 3), np.float32)})
     assert target.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["out.npz"]
@@ -613,6 +614,7 @@ def test_interrupting_infer_cancels_the_queued_clips_and_exits_promptly(toy_mode
     script = textwrap.dedent(f"""
         import sys, time
         from keyreid.cli import run_main
+from keyreid.errors import KeyreidError
         from keyreid.runtime import engine_ort, infer
         original = engine_ort.OrtEngine.infer_impl
         def slow(self, feed):
