@@ -614,7 +614,6 @@ def test_interrupting_infer_cancels_the_queued_clips_and_exits_promptly(toy_mode
     script = textwrap.dedent(f"""
         import sys, time
         from keyreid.cli import run_main
-from keyreid.errors import KeyreidError
         from keyreid.runtime import engine_ort, infer
         original = engine_ort.OrtEngine.infer_impl
         def slow(self, feed):
