@@ -56,7 +56,7 @@ Make a reference file where torch is installed:
 with the heatmap mode the engine was exported with (compare.py warns when the engine's metadata
 says another one).
 
-exit status: 0 within tolerance; 1 outside it, or bad input; 2 wrong usage; 130 interrupted."""
+exit status: 0 within tolerance; 1 outside it, or bad input; 2 wrong usage; 130 interrupted, 143 terminated."""
 
 DEFAULT_CLIPS = 16
 DEFAULT_TOP_K = 5

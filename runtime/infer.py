@@ -61,18 +61,23 @@ outputs (each written whole: a temporary file, then renamed):
                      identity, red = another one (evaluation modes)
 
 what fails and what does not:
-  A frame that cannot be decoded (corrupt, truncated, 16-bit, missing) fails its own tracklet;
-  an empty tracklet folder or a camera the engine does not know fails that tracklet. The others
-  still run and are written; the failures are listed at the end.
-  A missing or unreadable .pose file is not a failure: the frame runs with no joints visible,
-  and the number of such frames is reported.
+  A frame that cannot be decoded (corrupt, truncated, 16-bit, missing, not JPEG/PNG, or larger
+  than --max-frame-side), an empty tracklet folder, a camera the engine does not know, or NaN
+  or infinite engine outputs fail that tracklet. The others still run and are written; the
+  failures are listed at the end.
+  A missing, unreadable or malformed .pose file is not a failure: the frame runs with no joints
+  visible, and the number of such frames is reported, as are folder entries that are neither
+  frames nor .pose files (they are ignored).
+  An output path that is the engine, a frame, a pose file or another output is refused before
+  anything runs.
 
 exit status:
   0    every tracklet ran and every output was written
   1    bad input (engine file, directory, option value; nothing is written), or some
        tracklets failed (outputs hold the others; --keep-going makes this 0)
   2    wrong command-line usage
-  130  interrupted"""
+  130  interrupted (Ctrl-C), 143 terminated (SIGTERM): queued clips are cancelled, nothing is
+       written"""
 
 MAX_LISTED_FAILURES = 5
 
