@@ -155,6 +155,7 @@ class Sets:
         self.notes: List[str] = []                  # warnings printed before the run
         self.ignored: List[str] = []                # summary lines about ignored folder entries
         self.ignored_entries = 0
+        self.input_files: List[Path] = []           # manifests and dataset files, besides frames and poses
         self.mars_info: Dict[str, object] = {}
 
     def add(self, name: str, tracklets: List[Tracklet], failures: Sequence[TrackletFailure] = (),
@@ -164,6 +165,7 @@ class Sets:
 
     def add_scan(self, name: str, scan: TrackletScan, prefix: str = "") -> None:
         self.add(name, scan.tracklets, scan.failures, prefix)
+        self.input_files.append(scan.root / MANIFEST_NAME)
         self.ignored_entries += len(scan.ignored)
         ignored = scan.ignored_summary()
         if ignored:
@@ -182,8 +184,9 @@ def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
         for name, root in (("query", args.query), ("gallery", args.gallery)):
             sets.add_scan(name, discover_tracklets(root, default_camera=args.camera), prefix=f"{name}/")
     else:
-        from keyreid.runtime.mars import load_mars_test
+        from keyreid.runtime.mars import MARS_FILES, load_mars_test
         split = load_mars_test(args.root, args.keypoints)
+        sets.input_files += [args.root / name for name in MARS_FILES]
         sets.add("query", split.query, split.failures)
         sets.add("gallery", split.gallery)
         sets.mars_info = {"junk_rows": split.junk_rows, "keypoints_dir": str(split.keypoints_dir),
@@ -272,7 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(note, file=sys.stderr)
     tracklets = sets.all
     inputs = {path.resolve() for tracklet in tracklets for path in tracklet.frame_paths + tracklet.pose_paths}
-    check_not_among(outputs, inputs, "input frames or pose files")
+    inputs.update(path.resolve() for path in sets.input_files)
+    check_not_among(outputs, inputs, "input files (frames, poses, manifests, dataset tables)")
 
     steps(f"loading engine {args.engine}")
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:

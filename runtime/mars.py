@@ -33,6 +33,7 @@ FRAMES_DIR = "bbox_test"
 NAMES_FILE = "info/test_name.txt"
 TRACKS_FILE = "info/tracks_test_info.mat"
 QUERY_FILE = "info/query_IDX.mat"
+MARS_FILES = (NAMES_FILE, TRACKS_FILE, QUERY_FILE)
 # Variable names inside the .mat files; the first is what MARS ships and upstream reads.
 TRACKS_VARIABLES = ("track_test_info", "tracks_test_info")
 QUERY_VARIABLES = ("query_IDX", "query_idx")

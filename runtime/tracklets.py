@@ -159,15 +159,15 @@ def read_manifest(path: Path, default_camera: int) -> Dict[str, Tuple[int, int]]
 
 
 def _frame_files(folder: Path, ignored: List[Path]) -> List[Path]:
-    """The folder's frame files in name order; other visible entries that are not pose files
-    (a .bmp, ``x.jpg.txt``, a sub-folder, a broken link) go to ``ignored``."""
+    """The folder's frame files in name order; other visible entries that are not ``.pose``
+    entries (a .bmp, ``x.jpg.txt``, a sub-folder, a broken link) go to ``ignored``."""
     frames = []
     for entry in folder.iterdir():
         if entry.name.startswith("."):
             continue
         if entry.suffix.lower() in FRAME_SUFFIXES and entry.is_file():
             frames.append(entry)
-        elif not (entry.suffix == POSE_SUFFIX and entry.is_file()):
+        elif entry.suffix != POSE_SUFFIX:    # pose files, even odd ones, are read_pose's to count
             ignored.append(entry)
     return sorted(frames, key=lambda entry: entry.name)
 

@@ -42,8 +42,16 @@ def test_infer_output_that_is_a_frame_is_refused_and_the_frame_kept(toy_model, p
     frame = pair / "a" / "0000.png"
     before = frame.read_bytes()
     assert run_infer("--engine", toy_model, "--tracklets", pair, "-o", frame, "-q") == 1
-    assert "input frames" in capsys.readouterr().err
+    assert "input files" in capsys.readouterr().err
     assert frame.read_bytes() == before
+
+
+def test_infer_output_that_is_the_manifest_is_refused(toy_model, pair, capsys):
+    manifest = pair / "manifest.csv"
+    manifest.write_text("tracklet,pid,camera\na,1,0\n")
+    assert run_infer("--engine", toy_model, "--tracklets", pair, "-o", manifest, "-q") == 1
+    assert "input files" in capsys.readouterr().err
+    assert manifest.read_text() == "tracklet,pid,camera\na,1,0\n"
 
 
 def test_infer_report_and_output_on_one_path_are_refused(toy_model, pair, tmp_path, capsys):
