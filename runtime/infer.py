@@ -68,8 +68,8 @@ what fails and what does not:
   A missing, unreadable or malformed .pose file is not a failure: the frame runs with no joints
   visible, and the number of such frames is reported, as are folder entries that are neither
   frames nor .pose files (they are ignored).
-  An output path that is the engine, a frame, a pose file or another output is refused before
-  anything runs.
+  An output path that is the engine, a frame, a pose file, a manifest, a MARS table or another
+  output is refused before anything runs.
 
 exit status:
   0    every tracklet ran and every output was written
