@@ -19,7 +19,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
@@ -71,12 +71,22 @@ def check_distinct_outputs(outputs: Mapping[str, Optional[PathLike]],
                                    "choose another name")
 
 
-def check_not_among(outputs: Mapping[str, Optional[PathLike]], inputs: "set[Path]", what: str) -> None:
-    """Refuse an output whose resolved path is in ``inputs`` (resolved paths, e.g. every frame)."""
-    for name, path in outputs.items():
-        if path is not None and Path(path).resolve() in inputs:
-            raise KeyreidError(f"{name} {path} is one of the {what}; writing it would destroy an input, "
-                               "choose another name")
+def check_not_among(outputs: Mapping[str, Optional[PathLike]], inputs: Iterable[PathLike], what: str) -> None:
+    """Refuse an output that is one of ``inputs`` (e.g. every frame of a dataset).
+
+    Only inputs named like an output (or like the file an output links to) are resolved, so a
+    million frames cost a name comparison each rather than a walk of their folders.
+    """
+    given = {name: Path(path) for name, path in outputs.items() if path is not None}
+    names = {path.name for path in given.values()} | {path.resolve().name for path in given.values()}
+    for input_path in inputs:
+        input_path = Path(input_path)
+        if input_path.name not in names:
+            continue
+        for name, path in given.items():
+            if _same_file(path, input_path):
+                raise KeyreidError(f"{name} {path} is one of the {what}; writing it would destroy an input, "
+                                   "choose another name")
 
 
 def _default_mode(path: Path) -> int:

@@ -274,9 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in sets.notes:
         print(note, file=sys.stderr)
     tracklets = sets.all
-    inputs = {path.resolve() for tracklet in tracklets for path in tracklet.frame_paths + tracklet.pose_paths}
-    inputs.update(path.resolve() for path in sets.input_files)
-    check_not_among(outputs, inputs, "input files (frames, poses, manifests, dataset tables)")
+    inputs = [path for tracklet in tracklets for path in tracklet.frame_paths + tracklet.pose_paths]
+    check_not_among(outputs, inputs + sets.input_files, "input files (frames, poses, manifests, dataset tables)")
 
     steps(f"loading engine {args.engine}")
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:

@@ -54,6 +54,15 @@ def test_infer_output_that_is_the_manifest_is_refused(toy_model, pair, capsys):
     assert manifest.read_text() == "tracklet,pid,camera\na,1,0\n"
 
 
+def test_infer_output_that_links_to_a_pose_file_is_refused(toy_model, pair, tmp_path, capsys):
+    pose = pair / "b" / "0001.pose"
+    pose.write_text("[]")
+    os.symlink(pose, tmp_path / "out.npz")
+    assert run_infer("--engine", toy_model, "--tracklets", pair, "-o", tmp_path / "out.npz", "-q") == 1
+    assert "input files" in capsys.readouterr().err
+    assert pose.read_text() == "[]"
+
+
 def test_infer_report_and_output_on_one_path_are_refused(toy_model, pair, tmp_path, capsys):
     same = tmp_path / "x.npz"
     assert run_infer("--engine", toy_model, "--query", pair, "--gallery", pair, "--report", same,
