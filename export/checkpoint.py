@@ -46,6 +46,13 @@ def read_raw(path: Path) -> dict:
     if path.is_dir():
         _fail(path, "is a directory, not a checkpoint file")
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(2)
+    except OSError as exc:
+        _fail(path, f"cannot be read: {exc.strerror or exc}")
+    if magic not in (b"PK", b"\x80\x02"):    # torch.save's zip archive, or its legacy pickle
+        _fail(path, "is not a PyTorch checkpoint (neither torch.save's zip format nor a readable pickle)")
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)

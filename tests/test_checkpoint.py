@@ -90,9 +90,10 @@ def test_pickled_python_objects_are_refused_not_executed(tmp_path):
     assert "weights_only" in _message(path)
 
 
-def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path):
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path, seed):
     path = tmp_path / "random.pth"
-    path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     message = _message(path)
     assert "is not a PyTorch checkpoint" in message and "Python objects" not in message
 
