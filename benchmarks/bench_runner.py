@@ -19,7 +19,6 @@ Without ``--engine`` the engine is the reduced-width ONNX exported from a random
 the export CLIs (``export/random_checkpoint.py --reduced``, ``export/to_onnx.py``).
 """
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 from machine import banner, describe  # noqa: E402
 
 from keyreid.contract import stack_clips  # noqa: E402
+from keyreid.files import write_json  # noqa: E402
 from keyreid.runtime.engines import open_engine  # noqa: E402
 from keyreid.runtime.pipeline import (clip_loader, clip_requests, load_tracklet_clips, run_tracklets,  # noqa: E402
                                       total_clips)
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     print(f"{results['tracklets']} tracklets, {results['clips']} clips, {results['embedding_dim']}-d embeddings")
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

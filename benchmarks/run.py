@@ -8,13 +8,13 @@ Prints the machine, the clips/s of each engine and the ratio to the reference, m
 run on the same inputs with the same thread count. Nothing here is a pass/fail test.
 """
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from keyreid.cli import quiet_third_party_logs, run_main
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, PRECISIONS
+from keyreid.files import write_json
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sibling modules when run as a script
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     print(ratio_table(results))
     if args.json:
         payload = {"machine": info, "embed_dim": checkpoint.config.embed_dim, "clips_per_second": results}
-        args.json.write_text(json.dumps(payload, indent=2))
+        write_json(args.json, payload)
     return 0
 
 
