@@ -95,10 +95,23 @@ def _default_mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
         pass
-    with _umask_lock:               # os.umask can only be read by setting it
+    return 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and back (under a lock; a
+    file another thread creates in that instant could get 022)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
         umask = os.umask(0o022)
         os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 @contextlib.contextmanager
