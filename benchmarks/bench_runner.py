@@ -19,7 +19,6 @@ Without ``--engine`` the engine is the reduced-width ONNX exported from a random
 the export CLIs (``export/random_checkpoint.py --reduced``, ``export/to_onnx.py``).
 """
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -37,9 +36,11 @@ sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
 from machine import banner, describe  # noqa: E402
 
+from keyreid.contract import stack_clips  # noqa: E402
+from keyreid.files import write_json  # noqa: E402
 from keyreid.runtime.engines import open_engine  # noqa: E402
 from keyreid.runtime.pipeline import (clip_loader, clip_requests, load_tracklet_clips, run_tracklets,  # noqa: E402
-                                      stack_clips, total_clips)
+                                      total_clips)
 from keyreid.runtime.poses import PoseTally  # noqa: E402
 from keyreid.runtime.runner import Runner  # noqa: E402
 from keyreid.runtime.tracklets import discover_tracklets  # noqa: E402
@@ -66,22 +67,12 @@ def export_reduced_engine(workdir: Path) -> Path:
 
 def make_tracklet_folder(root: Path, num_tracklets: int = 12, frames_per_tracklet: int = 24, seed: int = 0) -> Path:
     """``num_tracklets`` folders of JPEG frames (crops of several sizes) with realistic .pose files."""
-    import cv2
-    from keyreid.synthetic import realistic_keypoints, synthetic_frames
+    from keyreid.synthetic import write_synthetic_tracklet
 
     rng = np.random.default_rng(seed)
-    clips = -(-frames_per_tracklet // 4)
     for index in range(num_tracklets):
-        width, height = CROP_SIZES[index % len(CROP_SIZES)]
-        frames = synthetic_frames(rng, clips).reshape(-1, 256, 128, 3)[:frames_per_tracklet]
-        keypoints, _ = realistic_keypoints(rng, clips, crop_sizes=[(width, height)], size_jitter_px=0)
-        folder = root / f"tracklet_{index:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for frame_index, (frame, pose) in enumerate(zip(frames, keypoints.reshape(-1, 17, 3))):
-            if (width, height) != (128, 256):
-                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
-            cv2.imwrite(str(folder / f"{frame_index:04d}.jpg"), np.ascontiguousarray(frame[..., ::-1]))
-            (folder / f"{frame_index:04d}.pose").write_text(json.dumps(pose.tolist()))
+        write_synthetic_tracklet(root / f"tracklet_{index:03d}", frames_per_tracklet, rng,
+                                 crop_size=CROP_SIZES[index % len(CROP_SIZES)])
     return root
 
 
@@ -270,7 +261,7 @@ def main(argv=None) -> int:
     print(f"{results['tracklets']} tracklets, {results['clips']} clips, {results['embedding_dim']}-d embeddings")
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

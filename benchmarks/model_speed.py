@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
-import numpy as np
-
 
 def median_seconds(call: Callable[[], object], repeats: int) -> float:
     call()  # warm-up: first-run allocations and lazy initialisation stay out of the numbers
@@ -24,8 +22,8 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
 
 
 def sample_feed(batch: int, num_cameras: int, seed: int = 0) -> dict:
-    from keyreid.export.verify import sample_inputs
-    return sample_inputs(num_cameras, batch, seed)
+    from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
+    return synthetic_feed(batch, num_cameras, seed, crop_sizes=[MARS_CROP_SIZE])
 
 
 def reference_runner(checkpoint, threads: int, heatmap_mode: str):

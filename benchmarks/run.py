@@ -8,12 +8,13 @@ Prints the machine, the clips/s of each engine and the ratio to the reference, m
 run on the same inputs with the same thread count. Nothing here is a pass/fail test.
 """
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from keyreid.cli import quiet_third_party_logs, run_main
+from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, PRECISIONS
+from keyreid.files import write_json
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sibling modules when run as a script
@@ -29,8 +30,8 @@ def build_parser():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="N")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (median)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "fp16", "int8"])
-    parser.add_argument("--heatmap-mode", default="max", choices=["max", "mean", "blank"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=PRECISIONS)
+    parser.add_argument("--heatmap-mode", default=DEFAULT_HEATMAP_MODE, choices=HEATMAP_MODES)
     parser.add_argument("--workdir", type=Path, help="where to keep the exported models (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     print(ratio_table(results))
     if args.json:
         payload = {"machine": info, "embed_dim": checkpoint.config.embed_dim, "clips_per_second": results}
-        args.json.write_text(json.dumps(payload, indent=2))
+        write_json(args.json, payload)
     return 0
 
 

@@ -1,1 +1,27 @@
-"""placeholder"""
+"""keyreid.export (the ``export/`` folder): turn a trained checkpoint into model files.
+
+Needs the ``export`` extra (torch, onnx, onnxscript), imported only when used, so
+``import keyreid.export`` stays cheap.
+
+Public entry points, in data-flow order:
+
+- ``load_checkpoint(path) -> Checkpoint``: read an upstream checkpoint (``weights_only=True``),
+  unwrap it, size the model and check every tensor; bad files raise one KeyreidError.
+- ``export_model(checkpoint, heatmap_mode, precision) -> onnx.ModelProto``: the restructured
+  deploy graph (SPEC section 5) as ONNX with the ``keyreid::KeypointPartPool`` node, checked.
+
+The command-line tools ``to_onnx.py`` (export, verify, install), ``reference_outputs.py``
+(reference results for ``compare.py``) and ``random_checkpoint.py`` are thin layers over these.
+"""
+import importlib
+
+__all__ = ["load_checkpoint", "export_model"]
+
+_HOMES = {"load_checkpoint": "keyreid.export.checkpoint", "export_model": "keyreid.export.onnx_export"}
+
+
+def __getattr__(name: str):
+    """Import the public functions on first use (PEP 562), not with the package."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'keyreid.export' has no attribute {name!r}")

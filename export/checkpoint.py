@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from keyreid.contract import NUM_PARTS, NUM_TOKENS, PATCH_SIZE
+from keyreid.contract import NUM_TOKENS, PATCH_SIZE
 from keyreid.errors import KeyreidError
 from keyreid.export.config import ModelConfig
 from keyreid.lazy import require
@@ -46,13 +46,20 @@ def read_raw(path: Path) -> dict:
     if path.is_dir():
         _fail(path, "is a directory, not a checkpoint file")
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(2)
+    except OSError as exc:
+        _fail(path, f"cannot be read: {exc.strerror or exc}")
+    if magic not in (b"PK", b"\x80\x02"):    # torch.save's zip archive, or its legacy pickle
+        _fail(path, "is not a PyTorch checkpoint (neither torch.save's zip format nor a readable pickle)")
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
-        if "Weights only load failed" in message:
+        if "Unsupported global" in message:     # a pickled class or function, not garbage
             _fail(path, "holds Python objects besides tensors; refusing to unpickle it "
                         "(checkpoints load with weights_only=True). Save model.state_dict() instead")
-        _fail(path, f"is not a PyTorch checkpoint ({message.splitlines()[0]})")
+        _fail(path, "is not a PyTorch checkpoint (neither torch.save's zip format nor a readable pickle)")
     except Exception as exc:  # the unpickler raises anything on garbage bytes
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _fail(path, f"is not a readable PyTorch checkpoint (truncated or another format?): "
@@ -104,6 +111,9 @@ def infer_config(state_dict: Dict[str, "object"], path) -> ModelConfig:
         _fail(path, f"backbone width {embed_dim} is not a multiple of the 64-wide ViT heads")
     if "base.Cam" not in state_dict:
         _fail(path, "has no camera embedding base.Cam (trained without camera information?)")
+    if state_dict["base.Cam"].ndim != 3 or state_dict["base.Cam"].shape[0] < 1:
+        _fail(path, f"camera embedding base.Cam has shape {list(state_dict['base.Cam'].shape)}: "
+                    "the model needs at least one camera ([C, 1, width], C >= 1)")
     block_ids = {int(match.group(1)) for key in state_dict
                  if (match := re.match(r"base\.blocks\.(\d+)\.", key))}
     if len(block_ids) < 2:

@@ -6,7 +6,7 @@ of 64-wide heads in the backbone (ViT-S/B/L all do); the part block uses the sam
 """
 from dataclasses import dataclass
 
-from keyreid.contract import CLIP_FRAMES, NUM_PARTS, embedding_dim
+from keyreid.contract import CLIP_FRAMES, embedding_dim
 
 BACKBONE_HEAD_DIM = 64
 ATTENTION_POOL_DIM = 256      # attention_conv output channels (upstream middle_dim)
@@ -50,10 +50,6 @@ class ModelConfig:
     @property
     def embedding_dim(self) -> int:
         return embedding_dim(self.embed_dim)
-
-    @property
-    def num_parts(self) -> int:
-        return NUM_PARTS
 
 
 VIT_B = ModelConfig()

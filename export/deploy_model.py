@@ -20,7 +20,7 @@ from torch import nn
 from keyreid.contract import CLIP_FRAMES, MEAN_CAMERA, NUM_PARTS, PATCH_COLS, PATCH_ROWS, PATCH_SIZE
 from keyreid.export.config import (BATCHNORM_EPS, CAMERA_EMBED_SCALE, PART_NORM_EPS, VIT_NORM_EPS,
                                    ModelConfig)
-from keyreid.export.reference_model import TCSS_SHIFT, Block
+from keyreid.export.reference_model import Block, temporal_clip_shift_shuffle
 
 
 def _batchnorm_affine(state_dict, prefix) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -198,10 +198,8 @@ class DeployKeyReID(nn.Module):
     def part_features(self, features: torch.Tensor, part_weights: torch.Tensor) -> torch.Tensor:
         block = self.part_block
         N = part_weights.shape[0]
-        rows = features.reshape(N, features.shape[1], -1)                          # N, 129, P
-        token = rows[:, 0]
-        shifted = torch.cat([rows[:, TCSS_SHIFT:], rows[:, 1:TCSS_SHIFT]], dim=1)
-        patch_rows = shifted.reshape(N, 2, -1, rows.shape[-1]).transpose(1, 2).reshape(N, -1, rows.shape[-1])
+        patch_rows, token = temporal_clip_shift_shuffle(features, N)               # N, 128, P / N, 1, P
+        token = token[:, 0]
 
         # LN1(w x) = t(w) * gamma*(x - mean) + beta, exactly: one centred matrix for all parts.
         centred = patch_rows - patch_rows.mean(dim=-1, keepdim=True)

@@ -11,14 +11,14 @@ from typing import Callable, Optional
 import numpy as np
 
 from keyreid import __version__
-from keyreid.contract import CLIP_FRAMES, INPUT_NAMES, NUM_KEYPOINTS, OUTPUT_NAMES
+from keyreid.contract import (CLIP_FRAMES, DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, INPUT_NAMES, NUM_KEYPOINTS,
+                              ONNX_OPSET, OUTPUT_NAMES, PRECISIONS, HeatmapMode, Precision)
 from keyreid.errors import KeyreidError
 from keyreid.files import check_writable, write_bytes
 from keyreid.lazy import require
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = ONNX_OPSET
 EXPORT_EXAMPLE_CLIPS = 2
-PRECISIONS = ("fp32", "fp16", "int8")
 PROTOBUF_LIMIT = 2 ** 31 - 1
 
 
@@ -94,9 +94,18 @@ def write_model_atomically(model, output: Path) -> Path:
     return write_bytes(check_writable(output, "model"), model.SerializeToString())
 
 
-def export_model(checkpoint, heatmap_mode: str = "max", precision: str = "fp32",
-                 opset: int = DEFAULT_OPSET, step: Optional[Callable[[str], None]] = None):
-    """The finished ModelProto for a loaded Checkpoint (not yet written)."""
+def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
+                 precision: Precision = DEFAULT_PRECISION, opset: int = DEFAULT_OPSET,
+                 step: Optional[Callable[[str], None]] = None):
+    """The finished, checked ModelProto for a loaded Checkpoint (not yet written).
+
+    Args:
+        checkpoint: a ``Checkpoint`` from ``load_checkpoint``.
+        heatmap_mode: the keypoint heatmap generator the checkpoint was trained with (SPEC 3).
+        precision: fp32 (exact), fp16 (GPUs) or int8 (ONNX Runtime dynamic quantisation, CPUs).
+        opset: default-domain ONNX opset, at least ONNX_OPSET.
+        step: called with a sentence before each slow step (progress lines).
+    """
     from keyreid.export.precision import to_fp16, to_int8
 
     if precision not in PRECISIONS:

@@ -7,13 +7,15 @@ BatchNorm statistics away from their defaults so folding them is actually exerci
     python export/random_checkpoint.py demo/random_keyreid.pth [--reduced] [--seed 0]
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Dict
 
 import torch
 
+from keyreid.cli import run_main
+from keyreid.errors import KeyreidError
+from keyreid.files import atomic_output, check_writable
 from keyreid.export.config import REDUCED, VIT_B, ModelConfig
 from keyreid.export.reference_model import Block, KeyReIDReference
 
@@ -81,9 +83,8 @@ def write_random_checkpoint(path, config: ModelConfig = VIT_B, seed: int = 0,
     payload = {wrapper: state_dict} if wrapper else state_dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with atomic_output(path) as partial:
+        torch.save(payload, partial)
     return path
 
 
@@ -91,13 +92,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Write a random KeyRe-ID checkpoint in the upstream format (for demos and "
                     "tests: its embeddings mean nothing).")
-    parser.add_argument("output", help="where to write the .pth file")
+    parser.add_argument("output", type=Path, help="where to write the .pth file")
     parser.add_argument("--reduced", action="store_true",
                         help=f"a narrow model (width {REDUCED.embed_dim}, {REDUCED.depth} blocks) "
                              "with the same structure: fast, for smoke tests")
     parser.add_argument("--cameras", type=int, default=6, help="number of cameras (MARS: 6)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
+    if args.cameras < 1:
+        raise KeyreidError(f"--cameras must be at least 1, got {args.cameras}")
+    check_writable(args.output, "output")
     base = REDUCED if args.reduced else VIT_B
     config = ModelConfig(embed_dim=base.embed_dim, depth=base.depth, num_cameras=args.cameras,
                          num_identities=base.num_identities)
@@ -108,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keyreid.contract import (CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MEAN_CAMERA, NUM_PARTS,
+from keyreid.contract import (CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MEAN_CAMERA, NUM_PARTS, camera_problem,
                               NUM_PATCHES, NUM_TOKENS, PATCH_SIZE)
 from keyreid.errors import KeyreidError
 from keyreid.export.config import (ATTENTION_POOL_DIM, BATCHNORM_EPS, CAMERA_EMBED_SCALE,
@@ -172,10 +172,10 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
 
 
 def check_cameras(camera: np.ndarray, num_cameras: int) -> None:
-    bad = camera[(camera != MEAN_CAMERA) & ((camera < 0) | (camera >= num_cameras))]
-    if bad.size:
-        raise KeyreidError(f"camera index {int(bad[0])} out of range: this model knows cameras "
-                           f"0..{num_cameras - 1}, or -1 for an unseen camera")
+    problems = [problem for problem in (camera_problem(int(index), num_cameras) for index in np.unique(camera))
+                if problem]
+    if problems:
+        raise KeyreidError(problems[0])
 
 
 @torch.no_grad()

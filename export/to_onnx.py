@@ -7,14 +7,13 @@ The model is written to a temporary file, checked by running it in ONNX Runtime 
 reference model (unless --no-verify), and only then renamed into place.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from keyreid.cli import Steps, quiet_third_party_logs, run_main
-from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
+from keyreid.contract import DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, HEATMAP_MODES, ONNX_OPSET, PRECISIONS
 from keyreid.errors import KeyreidError
-from keyreid.files import check_writable
+from keyreid.files import atomic_output, check_distinct_outputs, check_writable
 
 DESCRIPTION = """\
 Export a KeyRe-ID checkpoint (the upstream model's state_dict, or {'model': ...} /
@@ -34,7 +33,8 @@ verification tolerances against the reference model on sample clips:
   fp32        embedding relative error <= 1e-4, part_weights max abs error <= 1e-5
   fp16, int8  embedding cosine >= 0.999, part_weights max abs error <= 1e-3
 
-exit status: 0 written and verified; 1 bad input or failed verification (nothing written)."""
+exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
+130 interrupted, 143 terminated (nothing written, no temporary file left)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heatmap-mode", choices=HEATMAP_MODES, default=DEFAULT_HEATMAP_MODE,
                         help="how keypoints become part heatmaps; must match training "
                              f"(default: {DEFAULT_HEATMAP_MODE}; see below)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help="fp32: exact; fp16: fp16 weights and matmuls for GPUs/TensorRT "
                              "(LayerNorm, softmax, the op and outputs stay fp32); int8: ONNX "
                              "Runtime dynamic quantisation for CPUs (default: fp32)")
     parser.add_argument("--opset", type=int, default=None,
-                        help="ONNX opset of the standard ops (default: 18, the lowest supported)")
+                        help=f"ONNX opset of the standard ops (default: {ONNX_OPSET}, the lowest supported)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime parity check against the reference model")
     parser.add_argument("--verify-clips", type=int, default=3, metavar="N",
@@ -73,9 +73,8 @@ def main(argv=None) -> int:
     if args.verify_clips < 1:
         raise KeyreidError("--verify-clips must be at least 1")
     output = args.output or args.checkpoint.with_suffix(".onnx")
-    if output.resolve() == args.checkpoint.resolve():
-        raise KeyreidError(f"{output}: the output would overwrite the checkpoint; choose --output")
-    check_writable(output, "output")
+    check_distinct_outputs({"--output": output}, {"the checkpoint": args.checkpoint})
+    check_writable(output, "--output")
 
     steps = Steps(total=4 if args.no_verify else 5, quiet=args.quiet)
     steps(f"loading checkpoint {args.checkpoint}")
@@ -87,8 +86,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
     model = export_model(checkpoint, args.heatmap_mode, args.precision, opset, step=steps)
     # Verify the bytes that will be installed, then rename them into place.
-    staging = output.with_name(f".{output.stem}.partial{output.suffix or '.onnx'}")
-    try:
+    with atomic_output(output) as staging:
         write_model_atomically(model, staging)
         if not args.no_verify:
             steps(f"verifying against the reference model in ONNX Runtime ({args.verify_clips} clips)")
@@ -99,10 +97,6 @@ def main(argv=None) -> int:
             if not report.passed:
                 raise KeyreidError(f"the exported model failed verification ({'; '.join(report.failures())}); "
                                    f"nothing was written. Re-run with --no-verify to keep it anyway")
-        os.replace(staging, output)
-    finally:
-        if staging.exists():
-            staging.unlink()
     steps.done()
     size = output.stat().st_size / 2 ** 20
     print(f"wrote {output} ({size:.1f} MiB, {args.precision}, heatmap mode {args.heatmap_mode}, opset {opset})")

@@ -6,10 +6,8 @@ weights within 1e-3, the op itself stays fp32).
 """
 from pathlib import Path
 
-import numpy as np
-
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
-from keyreid.contract import IMAGE_HEIGHT, IMAGE_WIDTH, MEAN_CAMERA
+from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
 
 TOLERANCES = {
     "fp32": {"embedding": Tolerance(max_rel=1e-4), "part_weights": Tolerance(max_abs=1e-5)},
@@ -17,17 +15,6 @@ TOLERANCES = {
     "int8": {"embedding": Tolerance(min_cosine=0.999), "part_weights": Tolerance(max_abs=1e-3)},
 }
 DEFAULT_SAMPLE_CLIPS = 3
-
-
-def sample_inputs(num_cameras: int, num_clips: int = DEFAULT_SAMPLE_CLIPS, seed: int = 0) -> dict:
-    """Realistic poses on 256x128 crops, synthetic frames, cameras cycling through -1..C-1."""
-    from keyreid.synthetic import realistic_keypoints, synthetic_frames
-
-    rng = np.random.default_rng(seed)
-    keypoints, crop_size = realistic_keypoints(rng, num_clips, crop_sizes=[(IMAGE_WIDTH, IMAGE_HEIGHT)])
-    camera = (np.arange(num_clips) % (num_cameras + 1) + MEAN_CAMERA).astype(np.int64)
-    return {"frames": synthetic_frames(rng, num_clips), "keypoints": keypoints,
-            "crop_size": crop_size, "camera": camera}
 
 
 def reference_results(model, inputs: dict, heatmap_mode: str) -> dict:
@@ -47,6 +34,7 @@ def onnxruntime_results(onnx_path: Path, inputs: dict, threads: int = 0) -> dict
 
 def verify_onnx(onnx_path: Path, model, heatmap_mode: str, precision: str,
                 num_clips: int = DEFAULT_SAMPLE_CLIPS) -> ComparisonReport:
-    inputs = sample_inputs(model.config.num_cameras, num_clips)
+    # MARS-sized crops: rendering in the model frame is exact there (SPEC section 3).
+    inputs = synthetic_feed(num_clips, model.config.num_cameras, crop_sizes=[MARS_CROP_SIZE])
     return compare_outputs(onnxruntime_results(onnx_path, inputs),
                            reference_results(model, inputs, heatmap_mode), TOLERANCES[precision])

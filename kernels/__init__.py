@@ -14,8 +14,8 @@ Forms of the op, all tested against the NumPy reference:
 - ``keyreid.kernels.trt_plugin``: the fused kernel as a TensorRT AOT plugin (its PTX goes into
   the ``.plan``); ``export/to_tensorrt.py --plugin aot`` registers it.
 
-Importing this package does not import torch: the runtime uses ``part_weights`` on machines
-without it, where it falls back to the reference.
+Importing this package does not import torch; ``part_weights`` falls back to the NumPy
+reference on machines without it.
 """
 import numpy as np
 

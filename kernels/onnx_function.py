@@ -12,7 +12,7 @@ computes, and the function is self-contained (its own opset imports, no nested f
 import functools
 import warnings
 
-from keyreid.contract import (CLIP_FRAMES, NUM_KEYPOINTS, NUM_PARTS, NUM_PATCHES, OP_DOMAIN,
+from keyreid.contract import (CLIP_FRAMES, NUM_KEYPOINTS, ONNX_OPSET, NUM_PARTS, NUM_PATCHES, OP_DOMAIN,
                               OP_NAME, OP_PLUGIN_VERSION)
 from keyreid.errors import KeyreidError
 from keyreid.kernels.reference import check_mode
@@ -21,7 +21,7 @@ from keyreid.lazy import require
 INPUT_NAMES = ("keypoints", "crop_size")
 OUTPUT_NAME = "part_weights"
 FUNCTION_ATTRIBUTES = ("mode", "plugin_namespace", "plugin_version")
-MIN_OPSET = 18        # the dynamo exporter's lowest opset
+MIN_OPSET = ONNX_OPSET
 EXPORT_EXAMPLE_CLIPS = 2
 
 

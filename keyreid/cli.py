@@ -1,25 +1,45 @@
 """What every command-line tool shares: one-line errors, exit codes, timed progress steps.
 
 A KeyreidError (bad input) becomes ``error: <sentence>`` on stderr and exit code 1; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. SIGTERM is handled like Ctrl-C: it raises ``Terminated``
+(a KeyboardInterrupt) in the main thread, so ``finally`` blocks and context managers run (a
+Runner cancels its queued clips, a half-written file is removed) before the exit.
 """
 import logging
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
 from keyreid.errors import KeyreidError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; unwinds like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a CLI's ``main``: one-line errors, exit 1; interrupted, exit 130 (SIGINT) or 143 (SIGTERM)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return main(argv)
     except KeyreidError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Steps:

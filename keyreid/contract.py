@@ -4,7 +4,7 @@ Everything downstream of a checkpoint (export, engines, runtime) reads these nam
 repeating numbers, so the contract lives in one place.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Literal, Optional, Tuple, get_args
 
 import numpy as np
 
@@ -22,8 +22,17 @@ PART_NAMES = ("head", "torso", "left_arm", "right_arm", "left_leg", "right_leg")
 MAX_CLIPS_PER_TRACKLET = 41               # SPEC section 4: at most the first 41 clips are used
 MEAN_CAMERA = -1                          # camera index that selects the mean camera embedding
 
-HEATMAP_MODES = ("max", "mean", "blank")
-DEFAULT_HEATMAP_MODE = "max"
+HeatmapMode = Literal["max", "mean", "blank"]       # SPEC section 3
+HEATMAP_MODES: Tuple[str, ...] = get_args(HeatmapMode)
+DEFAULT_HEATMAP_MODE: HeatmapMode = "max"
+
+Precision = Literal["fp32", "fp16", "int8"]          # of an exported model
+PRECISIONS: Tuple[str, ...] = get_args(Precision)
+DEFAULT_PRECISION: Precision = "fp32"
+
+# The exported graph's default-domain opset: the dynamo exporter's lowest, and what the
+# KeypointPartPool function body is written against (newer opsets are accepted).
+ONNX_OPSET = 18
 
 OP_DOMAIN = "keyreid"
 OP_NAME = "KeypointPartPool"
@@ -35,7 +44,24 @@ def embedding_dim(embed_dim: int = 768) -> int:
     return embed_dim + NUM_PARTS * CLIP_FRAMES * embed_dim
 
 
-EMBEDDING_DIM = embedding_dim(768)        # 19200
+def camera_problem(camera: int, num_cameras: Optional[int]) -> Optional[str]:
+    """Why ``camera`` cannot be fed to a model with ``num_cameras`` cameras, or None if it can.
+
+    Valid: 0..C-1, and MEAN_CAMERA (-1) for an unseen camera. When the model does not say how
+    many cameras it knows (``num_cameras`` None), only -1 is safe: an index past the model's
+    camera table makes ONNX Runtime fail deep inside and TensorRT read garbage.
+    """
+    if camera == MEAN_CAMERA:
+        return None
+    if num_cameras is None:
+        if camera < MEAN_CAMERA:
+            return f"camera {camera} is out of range: give a 0-based camera index, or {MEAN_CAMERA} for the mean camera"
+        return (f"camera {camera} cannot be checked: the model does not record how many cameras it knows; "
+                f"give the count (--num-cameras C, or num_cameras=C), or use {MEAN_CAMERA} for the mean camera")
+    if not 0 <= camera < num_cameras:
+        return (f"camera {camera} is out of range: this model takes 0..{num_cameras - 1}, "
+                f"or {MEAN_CAMERA} for the mean camera")
+    return None
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,15 @@ def output_specs(embed_dim: int = 768) -> Tuple[TensorSpec, ...]:
         TensorSpec("part_weights", np.dtype(np.float32), ("N", NUM_PATCHES, NUM_PARTS),
                    "part weights W, raster patch order"),
     )
+
+
+def stack_clips(clips) -> "dict[str, np.ndarray]":
+    """Per-clip dicts (``frames`` [4, 256, 128, 3], ``keypoints``, ``crop_size``, ``camera``) ->
+    one engine feed laid out as SPEC section 6, in the contract's dtypes."""
+    if not clips:
+        raise ValueError("no clips to stack into a batch")
+    return {spec.name: np.stack([np.asarray(clip[spec.name]) for clip in clips]).astype(spec.dtype, copy=False)
+            for spec in INPUTS}
 
 
 OUTPUTS = output_specs(768)

@@ -4,7 +4,8 @@
 
 The checkpoint has random weights (no trained weights can be downloaded here), so the numbers
 mean nothing; the point is the workflow. Every step is one of the real command-line tools, run
-as a user would run it, and the command is printed first.
+as a module (``python -m keyreid.export.to_onnx ...``, so it works from any install), and the
+command is printed first.
 """
 import argparse
 import shlex
@@ -15,38 +16,28 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_demo_tracklets(root: Path, identities: int = 4, cameras: int = 2, seed: int = 0) -> None:
+def write_demo_tracklets(root: Path, identities: int = 4, seed: int = 0) -> None:
     """MARS-style tracklet folders (frames + .pose files) for ``identities`` people on two cameras."""
-    import json
-
-    import cv2
-
-    from keyreid.synthetic import realistic_keypoints, synthetic_frames
+    from keyreid.synthetic import synthetic_frames, write_synthetic_tracklet
 
     rng = np.random.default_rng(seed)
     for split, camera in (("query", 1), ("gallery", 2)):
         for pid in range(1, identities + 1):
-            folder = root / split / f"{pid:04d}C{camera}T0001"
-            folder.mkdir(parents=True, exist_ok=True)
             # One person looks alike on both cameras: same clothes, the light differs a little.
             person = synthetic_frames(np.random.default_rng(seed + pid), 2).reshape(-1, 256, 128, 3)
-            light = rng.uniform(0.85, 1.15)
-            frames = np.clip(person[: 5 + pid] * light, 0, 255).astype(np.uint8)
-            keypoints, _ = realistic_keypoints(rng, 2, crop_sizes=[(128, 256)])
-            for index, frame in enumerate(frames):
-                stem = f"{pid:04d}C{camera}T0001F{index + 1:03d}"
-                cv2.imwrite(str(folder / f"{stem}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-                (folder / f"{stem}.pose").write_text(json.dumps(keypoints.reshape(-1, 17, 3)[index].tolist()))
+            frames = np.clip(person[: 5 + pid] * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8)
+            name = f"{pid:04d}C{camera}T0001"
+            write_synthetic_tracklet(root / split / name, len(frames), rng, frames=frames,
+                                     stems=[f"{name}F{index + 1:03d}" for index in range(len(frames))])
 
 
-def run(command: list) -> None:
-    shown = " ".join(shlex.quote(str(part)) for part in command[1:])
+def run(module: str, *arguments) -> None:
+    """``python -m module arguments``, shown first, as a user would type it."""
+    command = ["-m", module, *map(str, arguments)]
+    shown = " ".join(shlex.quote(part) for part in command)
     print(f"\n$ python {shown}", flush=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, *map(str, command[1:])], cwd=REPO)
+    result = subprocess.run([sys.executable, *command])
     if result.returncode:
         raise SystemExit(f"demo step failed (exit {result.returncode}): python {shown}")
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
@@ -54,8 +45,8 @@ def run(command: list) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workdir", nargs="?", type=Path, default=REPO / "demo",
-                        help="folder for the demo's files (default: demo/ in the checkout)")
+    parser.add_argument("workdir", nargs="?", type=Path, default=Path("demo"),
+                        help="folder for the demo's files (default: demo/ in the current folder)")
     parser.add_argument("--reduced", action="store_true",
                         help="a narrow model with the same structure: about a minute instead of several")
     args = parser.parse_args(argv)
@@ -64,15 +55,15 @@ def main(argv=None) -> int:
     checkpoint = workdir / ("keyreid_random_reduced.pth" if args.reduced else "keyreid_random.pth")
     model = checkpoint.with_suffix(".onnx")
     print("keyreid demo: random weights, synthetic people; the embeddings mean nothing.")
-    run(["python", "export/random_checkpoint.py", checkpoint] + (["--reduced"] if args.reduced else []))
-    run(["python", "export/to_onnx.py", checkpoint, "--output", model])
+    run("keyreid.export.random_checkpoint", checkpoint, *(["--reduced"] if args.reduced else []))
+    run("keyreid.export.to_onnx", checkpoint, "--output", model)
     write_demo_tracklets(workdir / "tracklets")
     print(f"\nwrote synthetic tracklets (frames + .pose files) under {workdir / 'tracklets'}")
-    run(["python", "runtime/infer.py", "--engine", model, "--tracklets", workdir / "tracklets" / "gallery",
-         "--output", workdir / "gallery_embeddings.npz"])
-    run(["python", "runtime/infer.py", "--engine", model, "--query", workdir / "tracklets" / "query",
-         "--gallery", workdir / "tracklets" / "gallery", "--report", workdir / "report.json",
-         "--ranking-png", workdir / "ranking.png"])
+    run("keyreid.runtime.infer", "--engine", model, "--tracklets", workdir / "tracklets" / "gallery",
+        "--output", workdir / "gallery_embeddings.npz")
+    run("keyreid.runtime.infer", "--engine", model, "--query", workdir / "tracklets" / "query",
+        "--gallery", workdir / "tracklets" / "gallery", "--report", workdir / "report.json",
+        "--ranking-png", workdir / "ranking.png")
     print(f"\ndemo finished: model {model}, embeddings {workdir / 'gallery_embeddings.npz'}, "
           f"report {workdir / 'report.json'}, ranking figure {workdir / 'ranking.png'}")
     return 0

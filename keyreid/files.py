@@ -1,23 +1,35 @@
-"""Files written whole: a temporary file beside the target, then ``os.replace``; and a check that
-an output can be written, made before a long run rather than after it. Export and runtime both
-write through here.
+"""Files written whole, and the checks on output paths made before a long run.
 
-A run that fails, or is interrupted, half way leaves either the previous file or none, never a
-truncated one. The temporary name starts with a dot and ends in ``.partial`` (git-ignored).
+Every writer in the package (export and runtime alike) goes through ``atomic_output``: the bytes
+go to a uniquely named temporary file beside the target, which is renamed over the target only
+when complete. A run that fails, is interrupted (Ctrl-C, or SIGTERM, which ``keyreid.cli``
+turns into an exception) or races another run writing the same path leaves the previous file or
+the other run's complete file, never a truncated or mixed one, and no temporary file behind.
+The temporary name starts with a dot and ends in ``.partial`` plus the target's suffix, so tools
+that go by suffix (``open_engine``) read it as what it will become (git-ignores ``*.partial*``).
+
+The installed file gets the permissions a plain ``open(path, "w")`` would give it: those of
+the file it replaces, else 0666 less the umask (temporary files are created 0600).
 """
+import contextlib
 import io
 import json
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
 from keyreid.errors import KeyreidError
 
 PathLike = Union[str, Path]
+PARTIAL_SUFFIX = ".partial"
+
+_umask_lock = threading.Lock()
 
 
 def check_writable(path: PathLike, what: str = "output") -> Path:
@@ -34,52 +46,124 @@ def check_writable(path: PathLike, what: str = "output") -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
-# Mode of the files written here: what open() would give, not tempfile's private 0600.
-FILE_MODE = 0o666 & ~_umask()
+def check_distinct_outputs(outputs: Mapping[str, Optional[PathLike]],
+                           inputs: Mapping[str, Optional[PathLike]] = {}) -> None:
+    """Refuse, before any work, an output that is also an input or another output.
+
+    ``outputs`` and ``inputs`` map what a path is (``--output``, ``the engine``) to the path;
+    None entries are skipped. Paths are compared after resolving links, so ``./a`` and a
+    symlink to ``a`` are the same file.
+    """
+    given = [(name, Path(path)) for name, path in outputs.items() if path is not None]
+    for position, (name, path) in enumerate(given):
+        for other_name, other in given[:position]:
+            if _same_file(path, other):
+                raise KeyreidError(f"{name} and {other_name} are the same file ({path}); give each its own name")
+        for input_name, input_path in inputs.items():
+            if input_path is not None and _same_file(path, Path(input_path)):
+                raise KeyreidError(f"{name} {path} is {input_name}; writing it would destroy an input, "
+                                   "choose another name")
 
 
-def _write_whole(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(handle)`` on a same-directory temporary file, then rename it to ``path``."""
+def check_not_among(outputs: Mapping[str, Optional[PathLike]], inputs: Iterable[PathLike], what: str) -> None:
+    """Refuse an output that is one of ``inputs`` (e.g. every frame of a dataset).
+
+    Only inputs named like an output (or like the file an output links to) are resolved, so a
+    million frames cost a name comparison each rather than a walk of their folders.
+    """
+    given = {name: Path(path) for name, path in outputs.items() if path is not None}
+    names = {path.name for path in given.values()} | {path.resolve().name for path in given.values()}
+    for input_path in inputs:
+        input_path = Path(input_path)
+        if input_path.name not in names:
+            continue
+        for name, path in given.items():
+            if _same_file(path, input_path):
+                raise KeyreidError(f"{name} {path} is one of the {what}; writing it would destroy an input, "
+                                   "choose another name")
+
+
+def _default_mode(path: Path) -> int:
+    """Permission bits a plain write would give ``path``: kept if it exists, else 0666 & ~umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and back (under a lock; a
+    file another thread creates in that instant could get 022)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yield a unique temporary path beside ``path``; install it at ``path`` when the block ends.
+
+    Write (and check) the file at the yielded path inside the block. If the block raises,
+    including KeyboardInterrupt or a SIGTERM turned into one, the temporary file is removed
+    and ``path`` is untouched.
+    """
     path = Path(path)
     try:
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial",
-                                             delete=False)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                        suffix=PARTIAL_SUFFIX + path.suffix)
     except OSError as exc:
         raise KeyreidError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    partial = Path(handle.name)
+    os.close(handle)
+    partial = Path(name)
     try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fchmod(handle.fileno(), FILE_MODE)
-            os.fsync(handle.fileno())
+        yield partial
+        os.chmod(partial, _default_mode(path))
         os.replace(partial, path)
     except OSError as exc:
         raise KeyreidError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
-        if partial.exists():
+        with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-    return path
 
 
 def write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (same-directory temporary file, then rename)."""
-    return _write_whole(path, lambda handle: handle.write(data))
+    """Write ``data`` to ``path`` whole (unique temporary file, fsync, rename)."""
+    with atomic_output(path) as partial:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
 
 
 def copy_file(source: PathLike, path: PathLike) -> Path:
-    """Copy ``source`` to ``path`` atomically, streaming (model files can be gigabytes)."""
+    """Copy ``source`` to ``path`` whole, streaming (model files can be gigabytes)."""
     try:
-        with open(source, "rb") as reader:
-            return _write_whole(path, lambda handle: shutil.copyfileobj(reader, handle, 16 << 20))
+        reader = open(source, "rb")
     except OSError as exc:
         raise KeyreidError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    with reader, atomic_output(path) as partial:
+        with open(partial, "wb") as handle:
+            shutil.copyfileobj(reader, handle, 16 << 20)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return Path(path)
 
 
 def write_npz(path: PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

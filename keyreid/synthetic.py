@@ -1,16 +1,21 @@
-"""Realistic synthetic clips for tests, benchmarks and the demo (NumPy only, no torch).
+"""Realistic synthetic clips for tests, benchmarks and the demo (NumPy only, no torch; OpenCV
+only to write tracklet folders).
 
 Uniform noise misses the cases that matter for KeypointPartPool, so the poses here look like
 OpenPifPaf output on pedestrian crops: a standing skeleton with head joints a few pixels apart,
 occluded joints (confidence <= 0.1, or exactly [0, 0, 0] as OpenPifPaf writes undetected ones),
 joints just outside the crop, and now and then a body part with no valid joint in any frame.
 """
-from typing import Optional, Sequence, Tuple
+import json
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, NUM_KEYPOINTS
+from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MEAN_CAMERA, NUM_KEYPOINTS
+from keyreid.errors import KeyreidError
 from keyreid.kernels.body_parts import JOINT_GROUPS
+from keyreid.lazy import require
 
 MARS_CROP_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)          # (width, height) = (128, 256)
 # (width, height): MARS, a small low-resolution crop, tall-thin, large, and a wide one.
@@ -123,3 +128,59 @@ def synthetic_frames(rng: np.random.Generator, n_clips: int) -> np.ndarray:
             image = np.where(figure, colour, background) + noise
             frames[clip, frame] = np.clip(image, 0, 255).astype(np.uint8)
     return frames
+
+
+def synthetic_feed(num_clips: int, num_cameras: Optional[int], seed: int = 0,
+                   crop_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, np.ndarray]:
+    """An engine feed (SPEC section 6) of ``num_clips`` synthetic clips with realistic poses.
+
+    The one source of sample clips for the export's verification, ``compare.py``, the
+    benchmarks and the tests. Cameras cycle -1, 0, ..., C-1 (only -1 when ``num_cameras`` is
+    None, which is all an engine of unknown camera count accepts).
+
+    Args:
+        crop_sizes: (width, height) choices for the keypoints; default DEFAULT_CROP_SIZES.
+    """
+    rng = np.random.default_rng(seed)
+    keypoints, crop_size = realistic_keypoints(rng, num_clips, crop_sizes=crop_sizes)
+    camera = (np.arange(num_clips) % ((num_cameras or 0) + 1) + MEAN_CAMERA).astype(np.int64)
+    return {"frames": synthetic_frames(rng, num_clips), "keypoints": keypoints,
+            "crop_size": crop_size, "camera": camera}
+
+
+def write_synthetic_tracklet(folder: Path, num_frames: int, rng: np.random.Generator,
+                             crop_size: Tuple[int, int] = MARS_CROP_SIZE, size_jitter_px: int = 0,
+                             suffix: str = ".jpg", stems: Optional[Sequence[str]] = None,
+                             frames: Optional[np.ndarray] = None, without_pose: Sequence[int] = ()) -> Path:
+    """One tracklet folder as ``infer.py`` reads it: frame files and same-stem ``.pose`` files.
+
+    The one writer of synthetic tracklet folders for the demo, the benchmarks and the tests.
+    Frame i is saved at its own crop size (``crop_size`` jittered by up to ``size_jitter_px``
+    per frame, as a tracker's boxes are; MARS's 128x256 is never jittered), with keypoints in
+    that frame's pixels.
+
+    Args:
+        stems: file names without suffix, one per frame; default 0000, 0001, ...
+        frames: RGB uint8 [num_frames, 256, 128, 3] to save (resized to each crop); default
+            ``synthetic_frames``.
+        without_pose: frame indices that get no ``.pose`` file.
+    """
+    cv2 = require("cv2")
+    clips = -(-num_frames // CLIP_FRAMES)
+    if frames is None:
+        frames = synthetic_frames(rng, clips).reshape(-1, IMAGE_HEIGHT, IMAGE_WIDTH, 3)
+    keypoints, crop_sizes = realistic_keypoints(rng, clips, crop_sizes=[crop_size], size_jitter_px=size_jitter_px)
+    keypoints, crop_sizes = keypoints.reshape(-1, NUM_KEYPOINTS, 3), crop_sizes.reshape(-1, 2).astype(int)
+    stems = stems or [f"{index:04d}" for index in range(num_frames)]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(num_frames):
+        width, height = crop_sizes[index]
+        frame = frames[index]
+        if (width, height) != (IMAGE_WIDTH, IMAGE_HEIGHT):
+            frame = cv2.resize(frame, (int(width), int(height)), interpolation=cv2.INTER_AREA)
+        if not cv2.imwrite(str(folder / f"{stems[index]}{suffix}"), np.ascontiguousarray(frame[..., ::-1])):
+            raise KeyreidError(f"cannot write frame {folder / (stems[index] + suffix)}")
+        if index not in without_pose:
+            (folder / f"{stems[index]}.pose").write_text(json.dumps(keypoints[index].tolist()))
+    return folder

@@ -1,1 +1,27 @@
-"""placeholder"""
+"""keyreid.runtime (the ``runtime/`` folder): serve embeddings from an exported model file.
+
+No torch here, not even lazily: a device needs NumPy, OpenCV and ONNX Runtime (or TensorRT).
+It reads the files the export step wrote and never imports ``keyreid.export``.
+
+Public entry points, in data-flow order:
+
+- ``open_engine(path, **options) -> Engine``: an ``.onnx`` (ONNX Runtime) or ``.plan``
+  (TensorRT) model behind one interface; ``Engine.infer(feed)`` runs one batch of clips laid
+  out as SPEC section 6, checked against the model (shapes, dtypes, camera range) first.
+- ``Runner(engine, preprocess=...)``: many callers, one engine, dynamic batching;
+  ``submit_clip`` / ``submit_tracklet`` return futures.
+- ``discover_tracklets(dir)``, ``clip_loader(pose_tally)``, ``PoseTally``: tracklet folders
+  (frames and ``.pose`` files) and the hook that decodes them on the runner's threads.
+- ``run_tracklets(runner, tracklets, pose_tally) -> TrackletRun``: tracklet features (the
+  mean of their clips' embeddings) and the failures, in input order.
+
+The command-line tools ``infer.py`` and ``compare.py`` are thin layers over these.
+"""
+from keyreid.runtime.engines import Engine, open_engine
+from keyreid.runtime.pipeline import TrackletRun, clip_loader, run_tracklets
+from keyreid.runtime.poses import PoseTally
+from keyreid.runtime.runner import Runner
+from keyreid.runtime.tracklets import discover_tracklets
+
+__all__ = ["open_engine", "Engine", "Runner", "discover_tracklets", "clip_loader", "PoseTally",
+           "run_tracklets", "TrackletRun"]

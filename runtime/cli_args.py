@@ -10,6 +10,8 @@ from typing import Dict, List, Union
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import ONNX_SUFFIXES
 from keyreid.triton import is_triton_url
+from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE
+from keyreid.runtime.pipeline import DEFAULT_STALL_TIMEOUT_S
 
 ENGINE_HELP = ("model to run: .onnx (ONNX Runtime), .plan/.engine/.trt (TensorRT), or "
                "grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL (a Triton Inference Server)")
@@ -88,6 +90,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return group
 
 
+def add_frame_limit_argument(parser: "argparse._ActionsContainer") -> None:
+    parser.add_argument("--max-frame-side", type=positive_int, default=DEFAULT_MAX_FRAME_SIDE, metavar="PX",
+                        help="a frame whose JPEG/PNG header declares a wider or taller image fails its "
+                             "tracklet before it is decoded; bounds memory (default: %(default)d)")
+
+
 def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("batching options")
     group.add_argument("--queue-delay-ms", type=non_negative_float, default=DEFAULT_QUEUE_DELAY_MS,
@@ -99,6 +107,10 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, metavar="N",
                        help="threads decoding frames and poses while the engine runs "
                             "(default: %(default)d)")
+    group.add_argument("--stall-timeout", type=non_negative_float, default=DEFAULT_STALL_TIMEOUT_S,
+                       metavar="S",
+                       help="fail the tracklets still waiting when nothing finished for this long "
+                            "(a hung engine) (default: %(default)g)")
     return group
 
 
@@ -137,5 +149,5 @@ def runner_options(args: argparse.Namespace) -> Dict[str, object]:
     """Keyword arguments for ``Runner(engine, ...)`` (without ``preprocess``)."""
     return {"max_batch_size": args.max_batch, "max_queue_delay_ms": args.queue_delay_ms,
             "max_queue_size": args.queue_size, "block_when_full": True,
-            "preprocess_workers": args.workers}
+            "block_timeout_s": args.stall_timeout, "preprocess_workers": args.workers}
 

@@ -1,8 +1,12 @@
-"""Run two engines, or an engine and the checkpoint's reference model, on the same clips.
+"""Run two engines on the same clips, or an engine on the clips of a reference file.
 
     python runtime/compare.py --engine model_fp16.plan --engine model.onnx
-    python runtime/compare.py --engine model.onnx --checkpoint ckpt.pth [--heatmap-mode max]
+    python runtime/compare.py --engine model.onnx --reference ckpt_reference.npz
     python runtime/compare.py --engine a.onnx --engine b.onnx --tracklets DIR --clips 32
+
+A reference file holds sample clips and the checkpoint's reference-model outputs on them; it is
+written where torch is installed by ``export/reference_outputs.py`` (the runtime reads files of
+the steps before it and never imports them).
 
 Prints the comparator's per-output table (max / mean / p99 absolute error, relative error,
 cosine) and how often the two agree on the top-k retrieval order when the clips are ranked
@@ -16,26 +20,28 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from keyreid.cli import quiet_third_party_logs, run_main
+from keyreid.cli import run_main
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
-from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES, MEAN_CAMERA
+from keyreid.contract import camera_problem, stack_clips
 from keyreid.errors import KeyreidError
-from keyreid.lazy import require
-from keyreid.runtime.cli_args import add_engine_arguments, engine_location, engine_options, positive_int
-from keyreid.runtime.engines import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Engine, check_camera, open_engine
+from keyreid.reference_results import read_reference_results
+from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, engine_location, engine_options,
+                                      positive_int)
+from keyreid.runtime.engines import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Engine, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
-from keyreid.runtime.pipeline import load_tracklet_clips, stack_clips
+from keyreid.runtime.pipeline import load_tracklet_clips
 from keyreid.runtime.plan_sidecar import check_built_from, read_sidecar
 from keyreid.runtime.poses import PoseTally
 from keyreid.runtime.runner import DEFAULT_MAX_BATCH_SIZE
 from keyreid.runtime.tracklets import discover_tracklets
+from keyreid.synthetic import synthetic_feed
 
 DESCRIPTION = """\
-Compare an engine against a second engine or against the checkpoint's reference model
-(PyTorch, SPEC sections 2-3 written out literally) on the same clips: synthetic clips with
-realistic poses (default), or clips cut from a folder of tracklets. The first --engine is
-the one under test; the second --engine, or --checkpoint, is the reference the errors are
-measured against."""
+Compare an engine against a second engine on the same clips (synthetic clips with realistic
+poses by default, or clips cut from a folder of tracklets), or against a reference file: the
+checkpoint's reference model (PyTorch, SPEC sections 2-3 written out literally) run on sample
+clips by export/reference_outputs.py. The first --engine is the one under test; the second
+--engine, or --reference, is what the errors are measured against."""
 
 EPILOG = """\
 checks (exit 1 when one fails):
@@ -47,10 +53,12 @@ checks (exit 1 when one fails):
 Pass "none" to a tolerance to skip that check. fp32 engines meet the defaults; for fp16 or
 int8 engines use e.g. --tolerance-rel none --tolerance-cosine 0.999 --part-weights-abs 1e-3.
 
---checkpoint needs PyTorch (pip install "keyreid[export]"); the heatmap mode defaults to the
-one recorded in the engine's metadata (ONNX), else max.
+Make a reference file where torch is installed:
+  python export/reference_outputs.py ckpt.pth -o ref.npz --heatmap-mode MODE
+with the heatmap mode the engine was exported with (compare.py warns when the engine's metadata
+says another one).
 
-exit status: 0 within tolerance; 1 outside it, or bad input; 2 wrong usage; 130 interrupted."""
+exit status: 0 within tolerance; 1 outside it, or bad input; 2 wrong usage; 130 interrupted, 143 terminated."""
 
 DEFAULT_CLIPS = 16
 DEFAULT_TOP_K = 5
@@ -71,11 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", type=engine_location, action="append", required=True, metavar="FILE|URL",
                         help="engine under test; give it twice to compare two engines "
                              "(.onnx, .plan/.engine/.trt, grpc://HOST:PORT/MODEL, http://HOST:PORT/MODEL)")
-    parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
-                        help="compare against the reference model of this checkpoint instead")
-    parser.add_argument("--heatmap-mode", choices=HEATMAP_MODES,
-                        help="heatmap mode of the reference model (default: the engine's metadata, "
-                             f"else {DEFAULT_HEATMAP_MODE})")
+    parser.add_argument("--reference", type=Path, metavar="REF.npz",
+                        help="compare against this reference file (clips and the checkpoint's "
+                             "reference outputs, from export/reference_outputs.py) instead")
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--tracklets", type=Path, metavar="DIR",
                         help="take clips from this folder of tracklet folders (the layout infer.py "
@@ -86,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--camera", type=int, default=0, metavar="N",
                         help="camera of --tracklets tracklets without one (default: %(default)s)")
     inputs.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips (default: 0)")
+    add_frame_limit_argument(inputs)
     checks = parser.add_argument_group("tolerances")
     checks.add_argument("--tolerance-rel", type=optional_float, default=1e-4, metavar="X",
                         help="largest embedding relative error (default: %(default)g)")
@@ -137,22 +144,11 @@ def retrieval_agreement(actual: np.ndarray, expected: np.ndarray, top_k: int) ->
     return RetrievalAgreement(k, agreeing, clips, overlap)
 
 
-def synthetic_clips(num_clips: int, num_cameras: Optional[int], seed: int) -> Dict[str, np.ndarray]:
-    """Realistic poses on crops of several sizes, synthetic frames, cameras cycling from -1."""
-    from keyreid.synthetic import realistic_keypoints, synthetic_frames
-
-    rng = np.random.default_rng(seed)
-    keypoints, crop_size = realistic_keypoints(rng, num_clips)
-    cycle = (num_cameras or 1) + 1
-    camera = (np.arange(num_clips) % cycle + MEAN_CAMERA).astype(np.int64)
-    return {"frames": synthetic_frames(rng, num_clips), "keypoints": keypoints,
-            "crop_size": crop_size, "camera": camera}
-
-
-def tracklet_clips(root: Path, limit: Optional[int], default_camera: int) -> Dict[str, np.ndarray]:
+def tracklet_clips(root: Path, limit: Optional[int], default_camera: int,
+                   max_frame_side: int) -> Dict[str, np.ndarray]:
     scan = discover_tracklets(root, default_camera=default_camera)
     tally = PoseTally()
-    clips = load_tracklet_clips(scan.tracklets, tally, limit)
+    clips = load_tracklet_clips(scan.tracklets, tally, limit, max_frame_side)
     if tally.without_pose:
         print(tally.summary(), file=sys.stderr)
     return stack_clips(clips)
@@ -167,29 +163,15 @@ def run_in_batches(infer: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray
     return {name: np.concatenate([part[name] for part in parts]) for name in ("embedding", "part_weights")}
 
 
-def reference_runner(checkpoint: Path, heatmap_mode: str) -> Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]:
-    """The checkpoint's reference model; needs torch (the ``export`` extra)."""
-    try:
-        require("torch")
-    except KeyreidError as exc:
-        raise KeyreidError(f"--checkpoint runs the PyTorch reference model: {exc}") from exc
-    quiet_third_party_logs()
-    from keyreid.export.checkpoint import load_reference_model
-    from keyreid.export.verify import reference_results
-
-    model = load_reference_model(checkpoint)
-    return lambda feed: reference_results(model, feed, heatmap_mode)
-
-
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if len(args.engine) > 2:
         parser.error("give --engine at most twice")
-    if len(args.engine) == 2 and args.checkpoint is not None:
-        parser.error("compare against a second --engine or a --checkpoint, not both")
-    if len(args.engine) == 1 and args.checkpoint is None:
-        parser.error("give a second --engine or a --checkpoint to compare against")
-    if args.heatmap_mode is not None and args.checkpoint is None:
-        parser.error("--heatmap-mode applies to --checkpoint only")
+    if len(args.engine) == 2 and args.reference is not None:
+        parser.error("compare against a second --engine or a --reference file, not both")
+    if len(args.engine) == 1 and args.reference is None:
+        parser.error("give a second --engine or a --reference file to compare against")
+    if args.reference is not None and (args.tracklets is not None or args.clips is not None):
+        parser.error("--reference brings its own clips; --tracklets and --clips apply to two engines")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         parser.error("--min-agreement is a fraction between 0 and 1")
     if args.camera != 0 and args.tracklets is None:
@@ -229,28 +211,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_arguments(parser, args)
     check_plan_sources(args.engine)
 
+    reference = read_reference_results(args.reference) if args.reference is not None else None
     with open_engine(args.engine[0], **engine_options(args, args.engine[0])) as engine:
-        if args.tracklets is not None:
-            reason = check_camera(args.camera, engine.num_cameras)
+        if reference is not None:
+            feed = reference.feed
+            source = f"{len(feed['camera'])} clips of {args.reference}"
+        elif args.tracklets is not None:
+            reason = camera_problem(args.camera, engine.num_cameras)
             if reason:
                 raise KeyreidError(f"--camera: {reason}")
-            feed = tracklet_clips(args.tracklets, args.clips, args.camera)
+            feed = tracklet_clips(args.tracklets, args.clips, args.camera, args.max_frame_side)
             source = f"{len(feed['camera'])} clips from {args.tracklets}"
         else:
-            feed = synthetic_clips(args.clips or DEFAULT_CLIPS, engine.num_cameras, args.seed)
+            feed = synthetic_feed(args.clips or DEFAULT_CLIPS, engine.num_cameras, args.seed)
             source = f"{len(feed['camera'])} synthetic clips (seed {args.seed})"
         print(f"under test: {describe_engine(engine)}")
         batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH_SIZE
         actual = run_in_batches(engine.infer, feed, batch)
-        if args.checkpoint is not None:
-            heatmap_mode = args.heatmap_mode or engine.metadata.get("heatmap_mode", DEFAULT_HEATMAP_MODE)
-            if heatmap_mode not in HEATMAP_MODES:
-                raise KeyreidError(f"{args.engine[0]}: metadata heatmap_mode={heatmap_mode!r} is not one "
-                                   f"of {', '.join(HEATMAP_MODES)}; give --heatmap-mode")
+        engine_mode = engine.metadata.get("heatmap_mode")
 
-    if args.checkpoint is not None:
-        print(f"reference:  checkpoint {args.checkpoint} (PyTorch reference model, heatmap mode {heatmap_mode})")
-        expected = run_in_batches(reference_runner(args.checkpoint, heatmap_mode), feed, batch)
+    if reference is not None:
+        mode = reference.info.get("heatmap_mode")
+        print(f"reference:  {args.reference} (checkpoint {reference.info.get('checkpoint', '?')}, "
+              f"PyTorch reference model, heatmap mode {mode})")
+        if engine_mode is not None and mode is not None and engine_mode != mode:
+            print(f"warning: the engine was exported with heatmap mode {engine_mode}, the reference "
+                  f"file used {mode}; part_weights will differ", file=sys.stderr)
+        expected = reference.expected
     else:
         with open_engine(args.engine[1], **engine_options(args, args.engine[1])) as reference:
             print(f"reference:  {describe_engine(reference)}")

@@ -17,7 +17,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.contract import INPUTS, NUM_PARTS, CLIP_FRAMES, MEAN_CAMERA, TensorSpec, output_specs
+from keyreid.contract import INPUTS, NUM_PARTS, CLIP_FRAMES, TensorSpec, camera_problem, output_specs
 from keyreid.errors import KeyreidError
 from keyreid.triton import is_triton_url
 
@@ -165,21 +165,11 @@ def check_feed(feed: Mapping[str, np.ndarray], input_specs: Sequence[TensorSpec]
         elif max_batch is not None and batch > max_batch:
             problems.append(f"batch of {batch} clips is above this engine's maximum of {max_batch}")
     if not problems:
-        reasons = (check_camera(int(index), num_cameras) for index in np.unique(feed["camera"]))
+        reasons = (camera_problem(int(index), num_cameras) for index in np.unique(feed["camera"]))
         problems = [reason for reason in reasons if reason]
     if problems:
         raise KeyreidError("bad engine input: " + "; ".join(problems))
     return batch
-
-
-def check_camera(camera: int, num_cameras: Optional[int]) -> Optional[str]:
-    """Return why ``camera`` is out of range for an engine with ``num_cameras``, or None if valid."""
-    if camera == MEAN_CAMERA:
-        return None
-    if camera < MEAN_CAMERA or (num_cameras is not None and camera >= num_cameras):
-        allowed = f"0..{num_cameras - 1}" if num_cameras is not None else "0 or above"
-        return f"camera {camera} is out of range: this engine takes {allowed}, or {MEAN_CAMERA} for the mean camera"
-    return None
 
 
 def metadata_num_cameras(metadata: Mapping[str, str], source: object) -> Optional[int]:

@@ -15,7 +15,7 @@ which PIL's ``Image.open(...).convert('RGB')`` (what upstream does) does not.
 """
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Sequence, Tuple, Union
+from typing import Literal, Optional, Tuple, Union
 
 import numpy as np
 
@@ -28,16 +28,52 @@ CropSize = Tuple[int, int]    # (width, height) of the original crop, in pixels
 PassOrder = Literal["horizontal_first", "pillow13"]
 PASS_ORDERS = ("horizontal_first", "pillow13")
 
+# Frames whose header declares a larger side are refused before decoding: person crops are a
+# few hundred pixels, and a 20000x20000 PNG of 0.4 MB would decode to 1.2 GB.
+DEFAULT_MAX_FRAME_SIDE = 4096
+
 # Pillow's Resample.c works in fixed point with this many fractional bits for 8-bit images.
 _PIL_PRECISION_BITS = 32 - 8 - 2
 
 
-def decode_frame(path: PathLike) -> np.ndarray:
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, ...); C4, C8 and CC are other segments.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def declared_size(encoded: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from a PNG or JPEG header, without decoding; None if neither can be read."""
+    if encoded[:8] == _PNG_SIGNATURE and encoded[12:16] == b"IHDR" and len(encoded) >= 24:
+        return int.from_bytes(encoded[16:20], "big"), int.from_bytes(encoded[20:24], "big")
+    if encoded[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 4 <= len(encoded):
+        if encoded[position] != 0xFF:
+            return None
+        marker = encoded[position + 1]
+        if marker == 0xFF:                      # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):   # markers without a length
+            position += 2
+            continue
+        length = int.from_bytes(encoded[position + 2:position + 4], "big")
+        if marker in _JPEG_SOF and position + 9 <= len(encoded):
+            height = int.from_bytes(encoded[position + 5:position + 7], "big")
+            width = int.from_bytes(encoded[position + 7:position + 9], "big")
+            return width, height
+        position += 2 + length
+    return None
+
+
+def decode_frame(path: PathLike, max_side: int = DEFAULT_MAX_FRAME_SIDE) -> np.ndarray:
     """Read an image file into RGB uint8 [H, W, 3] at its own size.
 
     Grayscale is replicated to three channels and an alpha channel is dropped (as PIL's
     ``convert('RGB')`` does); anything else, or a file OpenCV cannot decode, is a KeyreidError
-    naming the file.
+    naming the file. A JPEG or PNG whose header declares a side above ``max_side`` pixels, or a
+    file that is neither, is refused before any pixel is decoded.
     """
     cv2 = require("cv2")
     path = Path(path)
@@ -45,6 +81,12 @@ def decode_frame(path: PathLike) -> np.ndarray:
         encoded = np.fromfile(str(path), dtype=np.uint8)   # np.fromfile: non-ASCII paths work
     except OSError as exc:
         raise KeyreidError(f"cannot read frame {path}: {exc.strerror or exc}") from exc
+    size = declared_size(encoded[:65536].tobytes())
+    if size is None:
+        raise KeyreidError(f"cannot decode frame {path}: not a JPEG or PNG image")
+    if max(size) > max_side:
+        raise KeyreidError(f"frame {path} is {size[0]}x{size[1]} pixels, above the limit of "
+                           f"{max_side} per side (--max-frame-side)")
     try:
         image = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED) if encoded.size else None
     except cv2.error as exc:
@@ -138,23 +180,11 @@ def resize_like_pil(image: np.ndarray, width: int = IMAGE_WIDTH, height: int = I
     return np.ascontiguousarray(image)
 
 
-def load_frame(path: PathLike) -> Tuple[np.ndarray, CropSize]:
+def load_frame(path: PathLike, max_side: int = DEFAULT_MAX_FRAME_SIDE) -> Tuple[np.ndarray, CropSize]:
     """Decode and resize one frame: (RGB uint8 [256, 128, 3], original (width, height))."""
-    image = decode_frame(path)
+    image = decode_frame(path, max_side)
     crop_size = (int(image.shape[1]), int(image.shape[0]))
     return resize_like_pil(image), crop_size
-
-
-def load_frames(paths: Sequence[PathLike]) -> Tuple[np.ndarray, np.ndarray]:
-    """Frames for a list of files: (uint8 [n, 256, 128, 3], float32 [n, 2] crop (width, height)).
-
-    The two arrays are laid out as the exported model's ``frames`` and ``crop_size`` inputs.
-    """
-    frames = np.empty((len(paths), IMAGE_HEIGHT, IMAGE_WIDTH, 3), dtype=np.uint8)
-    crop_sizes = np.empty((len(paths), 2), dtype=np.float32)
-    for index, path in enumerate(paths):
-        frames[index], crop_sizes[index] = load_frame(path)
-    return frames, crop_sizes
 
 
 def load_frame_pil(path: PathLike) -> Tuple[np.ndarray, CropSize]:

@@ -16,17 +16,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from keyreid.cli import Steps, run_main
-from keyreid.contract import MEAN_CAMERA
+from keyreid.contract import MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
-from keyreid.runtime.cli_args import (ENGINE_HELP, add_engine_arguments, add_runner_arguments, engine_location,
-                                      engine_options, runner_options)
-from keyreid.runtime.engines import check_camera, open_engine
-from keyreid.runtime.pipeline import (Progress, QueryGalleryResult, TrackletRun, clip_loader,
-                                      evaluate_query_gallery, run_tracklets, total_clips)
+from keyreid.runtime.cli_args import (ENGINE_HELP, add_engine_arguments, add_frame_limit_argument,
+                                      add_runner_arguments, engine_location, engine_options, runner_options)
+from keyreid.runtime.engines import open_engine
+from keyreid.runtime.pipeline import Progress, TrackletRun, clip_loader, run_tracklets, total_clips
+from keyreid.runtime.query_gallery import QueryGalleryResult, evaluate_query_gallery
 from keyreid.runtime.poses import PoseTally
-from keyreid.files import check_writable, write_bytes, write_json, write_npz
+from keyreid.files import check_distinct_outputs, check_not_among, check_writable, write_bytes, write_json, write_npz
 from keyreid.runtime.runner import Runner
-from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, discover_tracklets
+from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan, discover_tracklets
 
 DESCRIPTION = """\
 Run a KeyRe-ID engine (.onnx on ONNX Runtime, .plan/.engine/.trt on TensorRT, or a model on a
@@ -65,18 +65,23 @@ outputs (each written whole: a temporary file, then renamed):
                      identity, red = another one (evaluation modes)
 
 what fails and what does not:
-  A frame that cannot be decoded (corrupt, truncated, 16-bit, missing) fails its own tracklet;
-  an empty tracklet folder or a camera the engine does not know fails that tracklet. The others
-  still run and are written; the failures are listed at the end.
-  A missing or unreadable .pose file is not a failure: the frame runs with no joints visible,
-  and the number of such frames is reported.
+  A frame that cannot be decoded (corrupt, truncated, 16-bit, missing, not JPEG/PNG, or larger
+  than --max-frame-side), an empty tracklet folder, a camera the engine does not know, or NaN
+  or infinite engine outputs fail that tracklet. The others still run and are written; the
+  failures are listed at the end.
+  A missing, unreadable or malformed .pose file is not a failure: the frame runs with no joints
+  visible, and the number of such frames is reported, as are folder entries that are neither
+  frames nor .pose files (they are ignored).
+  An output path that is the engine, a frame, a pose file, a manifest, a MARS table or another
+  output is refused before anything runs.
 
 exit status:
   0    every tracklet ran and every output was written
   1    bad input (engine file, directory, option value; nothing is written), or some
        tracklets failed (outputs hold the others; --keep-going makes this 0)
   2    wrong command-line usage
-  130  interrupted"""
+  130  interrupted (Ctrl-C), 143 terminated (SIGTERM): queued clips are cancelled, nothing is
+       written"""
 
 MAX_LISTED_FAILURES = 5
 
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between progress lines on stderr (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_engine_arguments(parser)
-    add_runner_arguments(parser)
+    add_frame_limit_argument(add_runner_arguments(parser))
     return parser
 
 
@@ -150,13 +155,24 @@ class Sets:
     def __init__(self):
         self.tracklets: Dict[str, List[Tracklet]] = {}
         self.failures: List[TrackletFailure] = []
-        self.notes: List[str] = []
+        self.notes: List[str] = []                  # warnings printed before the run
+        self.ignored: List[str] = []                # summary lines about ignored folder entries
+        self.ignored_entries = 0
+        self.input_files: List[Path] = []           # manifests and dataset files, besides frames and poses
         self.mars_info: Dict[str, object] = {}
 
     def add(self, name: str, tracklets: List[Tracklet], failures: Sequence[TrackletFailure] = (),
             prefix: str = "") -> None:
         self.tracklets[name] = tracklets
         self.failures += [TrackletFailure(prefix + failure.name, failure.reason) for failure in failures]
+
+    def add_scan(self, name: str, scan: TrackletScan, prefix: str = "") -> None:
+        self.add(name, scan.tracklets, scan.failures, prefix)
+        self.input_files.append(scan.root / MANIFEST_NAME)
+        self.ignored_entries += len(scan.ignored)
+        ignored = scan.ignored_summary()
+        if ignored:
+            self.ignored.append(f"{prefix}{ignored}")
 
     @property
     def all(self) -> List[Tracklet]:
@@ -166,16 +182,15 @@ class Sets:
 def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
     sets = Sets()
     if mode == "tracklets":
-        scan = discover_tracklets(args.tracklets, default_camera=args.camera)
-        sets.add("tracklets", scan.tracklets, scan.failures)
+        sets.add_scan("tracklets", discover_tracklets(args.tracklets, default_camera=args.camera))
     elif mode == "query_gallery":
         for name, root in (("query", args.query), ("gallery", args.gallery)):
-            scan = discover_tracklets(root, default_camera=args.camera)
-            sets.add(name, scan.tracklets, scan.failures, prefix=f"{name}/")
+            sets.add_scan(name, discover_tracklets(root, default_camera=args.camera), prefix=f"{name}/")
     else:
-        from keyreid.runtime.mars import load_mars_test
+        from keyreid.runtime.mars import MARS_FILES, load_mars_test
         split = load_mars_test(args.root, args.keypoints)
-        sets.add("query", split.query)
+        sets.input_files += [args.root / name for name in MARS_FILES]
+        sets.add("query", split.query, split.failures)
         sets.add("gallery", split.gallery)
         sets.mars_info = {"junk_rows": split.junk_rows, "keypoints_dir": str(split.keypoints_dir),
                           "keypoints_dir_exists": split.keypoints_dir_exists}
@@ -188,7 +203,7 @@ def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
     return sets
 
 
-def print_summary(run: TrackletRun, failures: List[TrackletFailure]) -> None:
+def print_summary(run: TrackletRun, failures: List[TrackletFailure], sets: Sets) -> None:
     print(f"tracklets: {len(run.indices)} done, {len(failures)} failed "
           f"({run.num_clips} clips in {run.seconds:.1f} s, {run.clips_per_second:.1f} clips/s)")
     for failure in failures[:MAX_LISTED_FAILURES]:
@@ -196,6 +211,8 @@ def print_summary(run: TrackletRun, failures: List[TrackletFailure]) -> None:
     if len(failures) > MAX_LISTED_FAILURES:
         print(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
     print(run.pose_tally.summary())
+    for line in sets.ignored:
+        print(line)
 
 
 def pose_counts(tally: PoseTally) -> Dict[str, object]:
@@ -231,6 +248,7 @@ def build_report(args: argparse.Namespace, mode: str, sets: Sets, run: TrackletR
         "gallery": {"tracklets": len(sets.tracklets["gallery"]), "ranked": len(evaluation.gallery)},
         "failures": [{"tracklet": failure.name, "reason": failure.reason} for failure in failures],
         "poses": pose_counts(run.pose_tally),
+        "ignored_entries": sets.ignored_entries,
         "clips": run.num_clips,
         "seconds": round(run.seconds, 3),
         "clips_per_second": round(run.clips_per_second, 3),
@@ -246,7 +264,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = check_arguments(parser, args)
-    for path, flag in ((args.output, "--output"), (args.report, "--report"), (args.ranking_png, "--ranking-png")):
+    outputs = {"--output": args.output, "--report": args.report, "--ranking-png": args.ranking_png}
+    check_distinct_outputs(outputs, {"the engine": args.engine})
+    for flag, path in outputs.items():
         if path is not None:
             check_writable(path, flag)
 
@@ -257,22 +277,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in sets.notes:
         print(note, file=sys.stderr)
     tracklets = sets.all
+    inputs = [path for tracklet in tracklets for path in tracklet.input_files]
+    check_not_among(outputs, inputs + sets.input_files, "input files (frames, poses, manifests, dataset tables)")
 
     steps(f"loading engine {args.engine}")
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:
-        reason = check_camera(args.camera, engine.num_cameras)
+        reason = camera_problem(args.camera, engine.num_cameras)
         if reason:
             raise KeyreidError(f"--camera: {reason}")
         steps(f"running {len(tracklets)} tracklets ({total_clips(tracklets)} clips)")
         tally = PoseTally()
         progress = Progress(len(tracklets), total_clips(tracklets), interval_s=args.progress_seconds,
                             enabled=not args.quiet)
-        with Runner(engine, preprocess=clip_loader(tally), **runner_options(args)) as runner:
-            run = run_tracklets(runner, tracklets, tally, progress)
+        with Runner(engine, preprocess=clip_loader(tally, args.max_frame_side), **runner_options(args)) as runner:
+            run = run_tracklets(runner, tracklets, tally, progress, stall_timeout_s=args.stall_timeout)
     steps.done()
 
     failures = sets.failures + run.failures
-    print_summary(run, failures)
+    print_summary(run, failures, sets)
     if len(run.indices) == 0:
         raise KeyreidError(f"no tracklet produced a feature ({len(failures)} failed); nothing was written")
 

@@ -18,14 +18,14 @@ The .mat files need SciPy, which the runtime does not otherwise depend on, so it
 only here, when MARS is read.
 """
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from keyreid.errors import KeyreidError
-from keyreid.runtime.tracklets import POSE_SUFFIX, Tracklet, parse_mars_name
+from keyreid.runtime.tracklets import POSE_SUFFIX, Tracklet, TrackletFailure, parse_mars_name
 
 PathLike = Union[str, Path]
 
@@ -33,6 +33,7 @@ FRAMES_DIR = "bbox_test"
 NAMES_FILE = "info/test_name.txt"
 TRACKS_FILE = "info/tracks_test_info.mat"
 QUERY_FILE = "info/query_IDX.mat"
+MARS_FILES = (NAMES_FILE, TRACKS_FILE, QUERY_FILE)
 # Variable names inside the .mat files; the first is what MARS ships and upstream reads.
 TRACKS_VARIABLES = ("track_test_info", "tracks_test_info")
 QUERY_VARIABLES = ("query_IDX", "query_idx")
@@ -49,6 +50,7 @@ class MarsTestSplit:
     query_variable: str           # the variable read from query_IDX.mat
     keypoints_dir: Path
     keypoints_dir_exists: bool    # False: every frame will run without a pose
+    failures: List[TrackletFailure] = field(default_factory=list)   # rows that cannot be a tracklet
 
 
 def default_keypoints_dir(root: PathLike) -> Path:
@@ -68,8 +70,8 @@ def _loadmat(path: Path) -> dict:
         return scipy_io.loadmat(str(path))
     except NotImplementedError as exc:   # MATLAB v7.3 (HDF5) files
         raise KeyreidError(f"{path} is a MATLAB v7.3 file; save it as -v7 or older") from exc
-    except (ValueError, TypeError, OSError) as exc:
-        raise KeyreidError(f"cannot read {path}: {exc}") from exc
+    except (ValueError, TypeError, OSError, scipy_io.matlab.MatReadError) as exc:
+        raise KeyreidError(f"cannot read {path}: not a readable .mat file ({exc})") from exc
 
 
 def _mat_variable(path: Path, names: Sequence[str]) -> Tuple[np.ndarray, str]:
@@ -123,6 +125,12 @@ def _read_names(path: Path) -> List[str]:
         raise KeyreidError(f"cannot read {path}: {exc}") from exc
 
 
+def _is_plain_file_name(name: str) -> bool:
+    """True for a bare file name: no folder part, no ``..``, nothing that leaves ``bbox_test/<pid>``."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
 def _tracklet(row_index: int, row: np.ndarray, names: List[str], frames_dir: Path,
               keypoints_dir: Path, tracks_path: Path) -> Tracklet:
     start, end, pid, camera = (int(value) for value in row)
@@ -133,6 +141,10 @@ def _tracklet(row_index: int, row: np.ndarray, names: List[str], frames_dir: Pat
     if not 1 <= camera <= NUM_CAMERAS:
         raise KeyreidError(f"{where}: camera {camera} is not in 1..{NUM_CAMERAS}")
     frame_names = names[start - 1:end]
+    escaping = [name for name in frame_names if not _is_plain_file_name(name)]
+    if escaping:
+        raise KeyreidError(f"{where}: frame name {escaping[0]!r} in {NAMES_FILE} is not a plain file "
+                           f"name; frames must stay inside {FRAMES_DIR}")
     first = parse_mars_name(Path(frame_names[0]).stem)
     if first is None or (first.pid, first.camera) != (pid, camera - 1):
         raise KeyreidError(f"{where}: (pid {pid}, camera {camera}) does not match its first frame "
@@ -172,15 +184,30 @@ def load_mars_test(root: PathLike, keypoints_dir: Optional[PathLike] = None) -> 
     is_query[query_rows] = True
     junk = table[:, 2] == JUNK_PID
 
-    def tracklets(rows: Sequence[int]) -> List[Tracklet]:
-        return [_tracklet(row, table[row], names, frames_dir, keypoints_dir, tracks_path)
-                for row in rows if not junk[row]]
+    failures: List[TrackletFailure] = []
 
+    def tracklets(rows: Sequence[int], prefix: str) -> List[Tracklet]:
+        found = []
+        for row in rows:
+            if junk[row]:
+                continue
+            try:
+                found.append(_tracklet(row, table[row], names, frames_dir, keypoints_dir, tracks_path))
+            except KeyreidError as exc:     # one bad row fails its own tracklet
+                failures.append(TrackletFailure(f"{prefix}row {row + 1}", str(exc)))
+        return found
+
+    query = tracklets(query_rows.tolist(), "query/")
+    gallery = tracklets(np.flatnonzero(~is_query).tolist(), "gallery/")
+    if failures and not query and not gallery:
+        raise KeyreidError(f"no row of {tracks_path} makes a tracklet ({len(failures)} failed), e.g. "
+                           f"{failures[0].reason}")
     return MarsTestSplit(
-        query=tracklets(query_rows.tolist()),
-        gallery=tracklets(np.flatnonzero(~is_query).tolist()),
+        query=query,
+        gallery=gallery,
         junk_rows=int(junk.sum()),
         tracks_variable=tracks_variable,
         query_variable=query_variable,
         keypoints_dir=keypoints_dir,
-        keypoints_dir_exists=keypoints_dir.is_dir())
+        keypoints_dir_exists=keypoints_dir.is_dir(),
+        failures=failures)

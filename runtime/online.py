@@ -34,7 +34,8 @@ import numpy as np
 
 from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MAX_CLIPS_PER_TRACKLET, NUM_KEYPOINTS
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engines import Engine, check_camera
+from keyreid.contract import camera_problem
+from keyreid.runtime.engines import Engine
 from keyreid.runtime.images import resize_like_pil
 from keyreid.runtime.pipeline import describe_failure
 from keyreid.runtime.poses import no_joints
@@ -175,7 +176,7 @@ class OnlineEncoder:
         value = np.asarray(camera)
         if value.shape != () or value.dtype.kind not in "iu":
             raise KeyreidError(f"camera must be one integer, got {camera!r}")
-        reason = check_camera(int(value), self._num_cameras)
+        reason = camera_problem(int(value), self._num_cameras)
         if reason:
             raise KeyreidError(reason)
         return int(value)

@@ -7,25 +7,28 @@ the camera, and ``clip_loader`` decodes it (frames via ``images.load_frame``, ke
 failed one into a ``TrackletFailure``: one corrupt frame fails its own tracklet and nothing else.
 A missing or bad pose file is not a failure; it reads as "no joint visible" and is counted in the
 run's ``PoseTally``.
-
-``evaluate_query_gallery`` then ranks the gallery for every query with the MARS protocol.
 """
 import sys
 import threading
 import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
+from keyreid.contract import camera_problem
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engines import check_camera
-from keyreid.runtime.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
-from keyreid.runtime.images import load_frame
+from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE, load_frame
 from keyreid.runtime.poses import PoseTally, load_pose
-from keyreid.runtime.runner import Preprocess, Runner
-from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet, TrackletFailure, num_clips, split_into_clips
+from keyreid.runtime.runner import Preprocess, QueueFull, Runner
+from keyreid.runtime.tracklets import Tracklet, TrackletFailure, num_clips, split_into_clips
+
+
+# run_tracklets fails what still waits when no tracklet finished for this long (a hung engine).
+DEFAULT_STALL_TIMEOUT_S = 600.0
+_POLL_S = 0.5       # how often a wait checks that the runner still serves
 
 
 def clip_requests(tracklet: Tracklet) -> List[Dict[str, Any]]:
@@ -37,19 +40,23 @@ def clip_requests(tracklet: Tracklet) -> List[Dict[str, Any]]:
             for group in split_into_clips(tracklet.num_frames)]
 
 
-def clip_loader(pose_tally: Optional[PoseTally] = None) -> Preprocess:
+def clip_loader(pose_tally: Optional[PoseTally] = None, max_frame_side: int = DEFAULT_MAX_FRAME_SIDE) -> Preprocess:
     """The runner's ``preprocess`` hook for ``clip_requests``: decode frames, read poses.
 
+    A clip whose ``frames`` are already an array passes through, so one runner serves both.
     A frame repeated inside a clip (a short tracklet's cycled frames) is decoded and counted
-    once. A frame that cannot be decoded raises (failing its tracklet); a pose file that is
-    missing or bad gives zeros and is recorded in ``pose_tally``.
+    once. A frame that cannot be decoded, or declares a side above ``max_frame_side`` pixels,
+    raises (failing its tracklet); a pose file that is missing or bad gives zeros and is
+    recorded in ``pose_tally``.
     """
     def load(clip: Dict[str, Any]) -> Dict[str, Any]:
+        if isinstance(clip["frames"], np.ndarray):      # already decoded: passes through
+            return clip
         decoded: Dict[Path, Tuple[np.ndarray, Tuple[int, int]]] = {}
         keypoints: Dict[Path, np.ndarray] = {}
         for frame_path, pose_path in zip(clip["frames"], clip["poses"]):
             if frame_path not in decoded:
-                decoded[frame_path] = load_frame(frame_path)
+                decoded[frame_path] = load_frame(frame_path, max_frame_side)
                 keypoints[frame_path] = load_pose(pose_path, pose_tally, crop_size=decoded[frame_path][1])
         frames = [decoded[path] for path in clip["frames"]]
         return {"frames": np.stack([frame for frame, _ in frames]),
@@ -59,21 +66,12 @@ def clip_loader(pose_tally: Optional[PoseTally] = None) -> Preprocess:
     return load
 
 
-def stack_clips(clips: Sequence[Dict[str, Any]]) -> Dict[str, np.ndarray]:
-    """Decoded clips (``clip_loader`` results) -> one engine feed, laid out as SPEC section 6."""
-    if not clips:
-        raise KeyreidError("no clips to stack into a batch")
-    return {"frames": np.stack([clip["frames"] for clip in clips]),
-            "keypoints": np.stack([clip["keypoints"] for clip in clips]).astype(np.float32, copy=False),
-            "crop_size": np.stack([clip["crop_size"] for clip in clips]).astype(np.float32, copy=False),
-            "camera": np.array([clip["camera"] for clip in clips], dtype=np.int64)}
-
-
 def load_tracklet_clips(tracklets: Sequence[Tracklet], pose_tally: Optional[PoseTally] = None,
-                        limit: Optional[int] = None) -> List[Dict[str, Any]]:
+                        limit: Optional[int] = None,
+                        max_frame_side: int = DEFAULT_MAX_FRAME_SIDE) -> List[Dict[str, Any]]:
     """Decoded clips of ``tracklets`` in order, on this thread, at most ``limit`` of them
     (for tools that need the clips themselves rather than tracklet features)."""
-    load = clip_loader(pose_tally)
+    load = clip_loader(pose_tally, max_frame_side)
     clips: List[Dict[str, Any]] = []
     for tracklet in tracklets:
         for request in clip_requests(tracklet):
@@ -108,10 +106,6 @@ class Progress:
             if self.enabled and now - self._last_print >= self.interval_s:
                 self._last_print = now
                 print(self.line(now), file=self.stream or sys.stderr, flush=True)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
 
     def line(self, now: Optional[float] = None) -> str:
         elapsed = (now or time.perf_counter()) - self.started
@@ -159,36 +153,61 @@ def describe_failure(exception: BaseException) -> str:
     return f"{type(exception).__name__}: {text}" if text else type(exception).__name__
 
 
+def _wait_for(future: Future, runner: Runner, deadline: float, stall_timeout_s: float) -> Optional[BaseException]:
+    """The future's exception (None on success), polling so that a dead scheduler or an engine
+    that stops finishing work turns into a failure instead of a wait without end."""
+    while True:
+        try:
+            return future.exception(timeout=min(_POLL_S, max(deadline - time.monotonic(), 0.0)))
+        except FutureTimeout:
+            pass
+        if not runner.is_serving and not future.done():
+            return KeyreidError("the runner stopped before this tracklet finished")
+        if time.monotonic() > deadline:
+            return KeyreidError(f"nothing finished for {stall_timeout_s:g} s: the engine appears hung")
+
+
 def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: PoseTally,
-                  progress: Optional[Progress] = None) -> TrackletRun:
+                  progress: Optional[Progress] = None,
+                  stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> TrackletRun:
     """Submit every tracklet to ``runner`` and gather features and failures, in input order.
 
     The runner must have been built with ``preprocess=clip_loader(pose_tally)``. Tracklets whose
     camera the engine does not know fail here, before any frame is decoded. ``submit_tracklet``
     blocks while the runner's queue is full, which bounds the decoded frames held in memory.
+    When no tracklet finishes for ``stall_timeout_s`` seconds, the ones still waiting fail.
     """
     tracklets = list(tracklets)
     started = time.perf_counter()
     failures: Dict[int, TrackletFailure] = {}
     futures = []
     for position, tracklet in enumerate(tracklets):
-        reason = check_camera(tracklet.camera, runner.engine.num_cameras)
+        reason = camera_problem(tracklet.camera, runner.engine.num_cameras)
         if reason:
             failures[position] = TrackletFailure(tracklet.name, reason)
             if progress is not None:
                 progress.done(0, failed=True)
             continue
         clips = clip_requests(tracklet)
-        future = runner.submit_tracklet(clips)
+        try:
+            future = runner.submit_tracklet(clips)
+        except QueueFull as exc:        # the engine stopped freeing room (block_timeout_s)
+            failures[position] = TrackletFailure(tracklet.name, str(exc))
+            continue
         if progress is not None:
             future.add_done_callback(
                 lambda done, count=len(clips): progress.done(count if done.exception() is None else 0,
                                                              failed=done.exception() is not None))
         futures.append((position, len(clips), future))
 
-    indices, features, clips_done = [], [], 0
+    indices, features, clips_done, stalled = [], [], 0, False
+    deadline = time.monotonic() + stall_timeout_s
     for position, count, future in futures:
-        exception = future.exception()
+        exception = _wait_for(future, runner, deadline, stall_timeout_s)
+        if future.done():
+            deadline = time.monotonic() + stall_timeout_s
+        else:
+            stalled = True
         if exception is not None:
             failures[position] = TrackletFailure(tracklets[position].name, describe_failure(exception))
             continue
@@ -197,6 +216,8 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
         clips_done += count
 
     width = features[0].shape[0] if features else runner.engine.embedding_dim
+    if stalled:
+        runner.close(cancel=True)      # do not leave the hung requests for close() to wait on
     return TrackletRun(
         tracklets=tracklets,
         indices=np.array(indices, dtype=np.int64),
@@ -209,47 +230,3 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
 
 def total_clips(tracklets: Sequence[Tracklet]) -> int:
     return sum(num_clips(tracklet.num_frames) for tracklet in tracklets)
-
-
-@dataclass
-class QueryGalleryResult:
-    ranking: RankingResult
-    distances: np.ndarray               # [queries, gallery] squared Euclidean
-    query: List[Tracklet]               # the queries that were ranked (known identity)
-    gallery: List[Tracklet]
-    unlabelled_queries: List[str]       # queries without an identity, left out
-
-
-def evaluate_query_gallery(query: Sequence[Tracklet], query_features: np.ndarray,
-                           gallery: Sequence[Tracklet], gallery_features: np.ndarray) -> QueryGalleryResult:
-    """CMC and mAP with the MARS protocol (SPEC section 4) on tracklet features.
-
-    Queries with an unknown identity (pid -1) cannot be scored and are left out (and listed);
-    gallery entries with an unknown identity stay, as distractors that never match.
-    """
-    if len(query) != len(query_features) or len(gallery) != len(gallery_features):
-        raise KeyreidError("each query and gallery tracklet needs exactly one feature")
-    labelled = [index for index, tracklet in enumerate(query) if tracklet.pid != UNKNOWN_PID]
-    unlabelled = [tracklet.name for tracklet in query if tracklet.pid == UNKNOWN_PID]
-    if not labelled:
-        raise KeyreidError("no query tracklet has a known identity: give identities in manifest.csv "
-                           "(tracklet,pid,camera) or use MARS-style frame names")
-    if not gallery:
-        raise KeyreidError("the gallery is empty: no gallery tracklet produced a feature")
-    query = [query[index] for index in labelled]
-    distances = squared_euclidean_distances(np.asarray(query_features)[labelled], gallery_features)
-    ranking = evaluate_rankings(distances,
-                                [tracklet.pid for tracklet in query], [tracklet.pid for tracklet in gallery],
-                                [tracklet.camera for tracklet in query],
-                                [tracklet.camera for tracklet in gallery])
-    return QueryGalleryResult(ranking, distances, query, list(gallery), unlabelled)
-
-
-def valid_gallery_order(distances_row: np.ndarray, query: Tracklet, gallery: Sequence[Tracklet]) -> np.ndarray:
-    """Gallery indices for one query, nearest first, without same-identity same-camera entries
-    (what the protocol ranks)."""
-    order = np.argsort(distances_row, kind="stable")
-    keep = [index for index in order
-            if not (gallery[index].pid == query.pid and gallery[index].camera == query.camera)]
-    return np.array(keep, dtype=np.int64)
-

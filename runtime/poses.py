@@ -24,6 +24,9 @@ PathLike = Union[str, Path]
 # Where a frame's keypoints come from: a .pose file, or its detections in a COCO results file.
 PoseSource = Union[PathLike, FrameDetections]
 
+# A pose file is 17 x 3 numbers, well under 2 KB; a larger file is malformed and is not read whole.
+MAX_POSE_BYTES = 64 * 1024
+
 
 class PoseStatus(Enum):
     OK = "ok"
@@ -49,7 +52,7 @@ def _parse_pose(text: str) -> Optional[np.ndarray]:
     """
     try:
         rows = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):     # RecursionError: arrays nested thousands deep
         return None
     if not (isinstance(rows, list) and len(rows) == NUM_KEYPOINTS and all(
             isinstance(row, list) and len(row) == 3 and all(map(_is_number_or_null, row))
@@ -89,7 +92,13 @@ def read_pose(path: Optional[PoseSource], crop_size: Optional[Tuple[float, float
     if path is None:
         return no_joints(), PoseStatus.MISSING, 0
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        if not Path(path).is_file():      # a folder or a FIFO (which would block the read)
+            return no_joints(), (PoseStatus.UNREADABLE if Path(path).exists() else PoseStatus.MISSING), 0
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_POSE_BYTES + 1)
+        if len(data) > MAX_POSE_BYTES:
+            return no_joints(), PoseStatus.MALFORMED, 0
+        text = data.decode("utf-8-sig")
     except FileNotFoundError:
         return no_joints(), PoseStatus.MISSING, 0
     except UnicodeDecodeError:
@@ -150,12 +159,4 @@ def load_pose(path: Optional[PoseSource], tally: Optional[PoseTally] = None,
     keypoints, status, cleared = read_pose(path, crop_size)
     if tally is not None:
         tally.record(path, status, cleared)
-    return keypoints
-
-
-def load_poses(paths: List[Optional[PathLike]], tally: Optional[PoseTally] = None) -> np.ndarray:
-    """Keypoints for a list of frames: float32 [n, 17, 3], laid out as the model's input."""
-    keypoints = np.empty((len(paths), NUM_KEYPOINTS, 3), dtype=np.float32)
-    for index, path in enumerate(paths):
-        keypoints[index] = load_pose(path, tally)
     return keypoints

@@ -7,11 +7,19 @@ oldest waiting clip has waited ``max_queue_delay_ms``. A tracklet's clips may tr
 batches; its feature is the mean of its clip embeddings (SPEC section 4).
 
 Optional preprocessing (for example decoding frames from image files) runs on a thread pool,
-so it overlaps with inference: ``Runner(engine, preprocess=load_frames_with(load_frame))``.
+so it overlaps with inference: ``Runner(engine, preprocess=pipeline.clip_loader(tally))``.
 
-Failures stay with their request: a bad clip, a camera out of range, a preprocessing error, or
-an engine error on a batch (its requests are retried one by one so the good ones still succeed)
-fails only that request's future, and the runner keeps serving.
+Failures stay with their request: a bad clip, a camera out of range, a preprocessing error,
+non-finite outputs, or an engine error on a batch (its requests are retried one by one, so a
+one-off failure or one bad request does not take the others with it) fails only that request's
+future, and the runner keeps serving. Even a BaseException from the engine fails futures
+rather than the scheduler.
+
+Nothing waits on itself: a done-callback (it runs on one of the runner's threads) that submits
+to a full queue gets QueueFull instead of waiting for a slot only its own thread could free, and
+``close()`` called from such a callback starts the shutdown and returns. Leaving the
+with-block on an exception (Ctrl-C, SIGTERM under ``keyreid.cli.run_main``) cancels every
+request not yet finished instead of running them all.
 """
 from __future__ import annotations
 
@@ -23,42 +31,26 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from keyreid.contract import INPUT_NAMES
+from keyreid.contract import INPUT_NAMES, camera_problem, stack_clips
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engines import Engine, check_camera
+from keyreid.runtime.engines import Engine
 
 # Clips per batch when the engine itself sets no limit (ONNX Runtime).
 DEFAULT_MAX_BATCH_SIZE = 16
+# How long a cancelling close() waits for the batch already in the engine.
+CANCEL_JOIN_TIMEOUT_S = 60.0
 
 Clip = Mapping[str, Any]
 Preprocess = Callable[[Clip], Clip]
 
 
 class QueueFull(KeyreidError):
-    """The runner already holds ``max_queue_size`` requests and was told not to block."""
+    """The runner already holds ``max_queue_size`` requests and was told not to block (or the
+    submit came from one of the runner's own threads, which must never wait for a slot)."""
 
 
-def load_frames_with(load_frame: Callable[[Any], Any]) -> Preprocess:
-    """A ``preprocess`` hook that decodes a clip's ``frames`` given as a sequence of paths.
-
-    ``load_frame(path)`` returns one RGB frame [256, 128, 3] uint8, or ``(frame, (width,
-    height))`` as ``images.load_frame`` does; then ``crop_size`` is filled from the decoded files
-    unless the clip already has one. Clips whose ``frames`` are already an array pass through.
-    For anything more (poses from files too), pass your own callable as ``preprocess``.
-    """
-    def preprocess(clip: Clip) -> Clip:
-        frames = clip["frames"]
-        if isinstance(frames, np.ndarray):
-            return clip
-        loaded = [load_frame(path) for path in frames]
-        decoded = dict(clip)
-        if loaded and isinstance(loaded[0], tuple):
-            decoded["frames"] = np.stack([frame for frame, _ in loaded])
-            decoded.setdefault("crop_size", np.array([size for _, size in loaded], np.float32))
-        else:
-            decoded["frames"] = np.stack(loaded)
-        return decoded
-    return preprocess
+class Cancelled(KeyreidError):
+    """The runner was cancelled (``close(cancel=True)``) before the request finished."""
 
 
 def tracklet_feature(clip_embeddings: np.ndarray) -> np.ndarray:
@@ -102,8 +94,8 @@ class Runner:
 
     def __init__(self, engine: Engine, *, max_batch_size: Optional[int] = None,
                  max_queue_delay_ms: float = 2.0, max_queue_size: int = 64,
-                 block_when_full: bool = True, preprocess: Optional[Preprocess] = None,
-                 preprocess_workers: int = 4):
+                 block_when_full: bool = True, block_timeout_s: Optional[float] = None,
+                 preprocess: Optional[Preprocess] = None, preprocess_workers: int = 4):
         """
         Args:
             engine: the engine to serve; activated here if it is not active yet (and then
@@ -115,8 +107,10 @@ class Runner:
                 handed to the engine.
             block_when_full: on a full queue, ``submit_*`` waits for room (True) or raises
                 QueueFull (False).
+            block_timeout_s: longest ``submit_*`` waits for room before raising QueueFull
+                (None: as long as it takes; the engine frees room as it works).
             preprocess: turns a submitted clip into one with decoded arrays (for example
-                ``load_frames_with(images.load_frame)``); runs on ``preprocess_workers`` threads.
+                ``pipeline.clip_loader(tally)``); runs on ``preprocess_workers`` threads.
             preprocess_workers: size of the preprocessing thread pool.
         """
         if max_queue_size < 1:
@@ -135,6 +129,7 @@ class Runner:
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
         self.block_when_full = block_when_full
+        self.block_timeout_s = block_timeout_s
         self._preprocess = preprocess
         self._clip_shapes = {spec.name: tuple(spec.shape[1:]) for spec in engine.input_specs}
         self._clip_dtypes = {spec.name: spec.dtype for spec in engine.input_specs}
@@ -148,10 +143,25 @@ class Runner:
         self._closing = False       # no new requests
         self._stopping = False      # preprocessing finished: drain without waiting
         self._closed = False
-        self._pool = (ThreadPoolExecutor(preprocess_workers, thread_name_prefix="keyreid-preprocess")
+        self._live: set = set()     # admitted requests not yet done (what a cancel fails)
+        self._own_threads: set = set()      # idents of the scheduler and pool threads
+        self._pool = (ThreadPoolExecutor(preprocess_workers, thread_name_prefix="keyreid-preprocess",
+                                         initializer=self._register_thread)
                       if preprocess is not None else None)
         self._scheduler = threading.Thread(target=self._serve, name="keyreid-runner", daemon=True)
         self._scheduler.start()
+
+    def _register_thread(self) -> None:
+        self._own_threads.add(threading.get_ident())
+
+    def _on_own_thread(self) -> bool:
+        """True inside a done-callback run by the scheduler or a preprocessing thread."""
+        return threading.get_ident() in self._own_threads
+
+    @property
+    def is_serving(self) -> bool:
+        """False once the scheduler thread has ended (closed, or stopped by a bug)."""
+        return self._scheduler.is_alive()
 
     @staticmethod
     def _resolve_max_batch_size(engine: Engine, requested: Optional[int]) -> int:
@@ -218,11 +228,18 @@ class Runner:
             if not self.block_when_full:
                 raise QueueFull(f"the runner's queue is full ({self.max_queue_size} requests waiting); "
                                 "retry later or raise max_queue_size")
-            self._slot_free.wait()
+            if self._on_own_thread():
+                raise QueueFull(f"the runner's queue is full ({self.max_queue_size} requests waiting) and "
+                                "this submit comes from a done-callback on the runner's own thread, which "
+                                "cannot wait for room; submit from another thread or raise max_queue_size")
+            if not self._slot_free.wait(self.block_timeout_s):
+                raise QueueFull(f"no room in the runner's queue for {self.block_timeout_s:g} s: the engine "
+                                "is not finishing requests (hung?)")
             if self._closing:
                 raise KeyreidError("the runner was closed while waiting for room in its queue")
         self._slots_used += 1
         request.holds_slot = True
+        self._live.add(request)
 
     def _queue(self, items: List[_ClipItem]) -> None:
         """Append validated clips to the batch queue (lock held) and wake the scheduler."""
@@ -281,7 +298,7 @@ class Runner:
         array = np.asarray(value)
         if array.shape != () or array.dtype.kind not in "iu":
             raise KeyreidError(f"clip camera must be one integer, got {value!r}")
-        reason = check_camera(int(array), self._num_cameras)
+        reason = camera_problem(int(array), self._num_cameras)
         if reason:
             raise KeyreidError(reason)
         return int(array)
@@ -298,6 +315,7 @@ class Runner:
         if request.done:
             return False
         request.done = True
+        self._live.discard(request)
         if request.undispatched:
             self._pending = deque(item for item in self._pending if item.request is not request)
         self._release_slot(request)
@@ -323,12 +341,17 @@ class Runner:
 
     # --- the scheduler ------------------------------------------------------------------
     def _serve(self) -> None:
+        self._register_thread()
         while True:
             with self._lock:
                 batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            try:
+                self._run(batch)
+            except BaseException as exc:     # a bug here must fail the batch, not the scheduler
+                for item in batch:
+                    self._fail(item.request, exc)
 
     def _next_batch(self) -> Optional[List[_ClipItem]]:
         """Wait (lock held) until a batch is due and take it; None once stopped and drained."""
@@ -367,37 +390,36 @@ class Runner:
         return batch
 
     def _run(self, batch: List[_ClipItem]) -> None:
-        """Run one batch; if it fails, retry its requests one by one to isolate the bad one."""
+        """Run one batch; if it fails, retry its requests one by one (a single request too: the
+        failure may be a one-off), so only a request that fails again on its own fails."""
         try:
-            self._deliver(batch, self.engine.infer(self._stack(batch)))
+            self._deliver(batch, self.engine.infer(stack_clips([item.arrays for item in batch])))
             return
-        except Exception as exc:
-            failure = exc
+        except BaseException:       # an engine may raise anything; the retry below decides
+            pass
         by_request: Dict[int, List[_ClipItem]] = {}
         for item in batch:
             by_request.setdefault(id(item.request), []).append(item)
-        if len(by_request) == 1:
-            self._fail(batch[0].request, failure)
-            return
         for items in by_request.values():
             if items[0].request.done:
                 continue
             try:
-                self._deliver(items, self.engine.infer(self._stack(items)))
-            except Exception as exc:
+                self._deliver(items, self.engine.infer(stack_clips([item.arrays for item in items])))
+            except BaseException as exc:
                 self._fail(items[0].request, exc)
-
-    @staticmethod
-    def _stack(items: List[_ClipItem]) -> Dict[str, np.ndarray]:
-        return {name: np.stack([item.arrays[name] for item in items]) for name in INPUT_NAMES}
 
     def _deliver(self, items: List[_ClipItem], outputs: Dict[str, np.ndarray]) -> None:
         embeddings, part_weights = outputs["embedding"], outputs["part_weights"]
-        finished = []
+        finite = np.isfinite(embeddings).all(axis=1) & np.isfinite(part_weights).all(axis=(1, 2))
+        finished, non_finite = [], []
         with self._lock:
             for row, item in enumerate(items):
                 request = item.request
                 if request.done:
+                    continue
+                if not finite[row]:
+                    if self._fail_locked(request):
+                        non_finite.append((request, item.index))
                     continue
                 if request.is_tracklet:
                     if request.embeddings is None:
@@ -410,7 +432,12 @@ class Runner:
                 request.unfinished -= 1
                 if request.unfinished == 0:
                     request.done = True
+                    self._live.discard(request)
                     finished.append(request)
+        for request, index in non_finite:
+            where = f"clip {index} of the tracklet" if request.is_tracklet else "the clip"
+            self._settle(request, exception=KeyreidError(
+                f"the engine returned NaN or infinite values for {where}; check the engine with compare.py"))
         for request in finished:
             if request.is_tracklet:
                 result = tracklet_feature(request.embeddings)
@@ -419,26 +446,57 @@ class Runner:
             self._settle(request, result=result)
 
     # --- shutting down ------------------------------------------------------------------
-    def close(self) -> None:
-        """Finish every admitted request, then stop the threads. Later submits raise."""
-        if threading.current_thread() is self._scheduler:
-            raise KeyreidError("close() cannot be called from a future's done-callback")
+    def close(self, cancel: bool = False) -> None:
+        """Stop taking requests and stop the threads. Later submits raise.
+
+        Args:
+            cancel: False finishes every admitted request first; True fails every request not
+                yet finished with ``Cancelled`` (a batch already in the engine completes).
+
+        Called from a done-callback (on the runner's own thread, which the shutdown has to wait
+        for) it starts the shutdown on a helper thread and returns at once.
+        """
         with self._lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = self._closing = True
             self._slot_free.notify_all()
+            cancelled = self._cancel_locked() if cancel else []
+        self._settle_cancelled(cancelled)
+        if not first:
+            return
+        if self._on_own_thread():
+            threading.Thread(target=self._finish_closing, args=(cancel,), name="keyreid-runner-close",
+                             daemon=True).start()
+        else:
+            self._finish_closing(cancel)
+
+    def _cancel_locked(self) -> List[_Request]:
+        """Mark (lock held) every admitted, unfinished request failed; the caller settles them."""
+        cancelled = [request for request in list(self._live) if self._fail_locked(request)]
+        self._pending.clear()
+        return cancelled
+
+    @classmethod
+    def _settle_cancelled(cls, requests: List[_Request]) -> None:
+        for request in requests:
+            cls._settle(request, exception=Cancelled("cancelled: the runner was closed before this request finished"))
+
+    def _finish_closing(self, cancel: bool) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)      # every clip is now queued or failed
+            self._pool.shutdown(wait=True, cancel_futures=cancel)   # every clip is now queued or failed
         with self._lock:
             self._stopping = True
+            cancelled = self._cancel_locked() if cancel else []
             self._work_ready.notify_all()
-        self._scheduler.join()
-        if self._owns_activation:
+        self._settle_cancelled(cancelled)
+        # A cancel does not wait forever on an engine call that never returns (a hung device);
+        # the engine is then left active rather than freed under the running call.
+        self._scheduler.join(CANCEL_JOIN_TIMEOUT_S if cancel else None)
+        if self._owns_activation and not self._scheduler.is_alive():
             self.engine.deactivate()
 
     def __enter__(self) -> "Runner":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        self.close(cancel=exc_type is not None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from keyreid.contract import CLIP_FRAMES, MAX_CLIPS_PER_TRACKLET, MEAN_CAMERA
+from keyreid.contract import CLIP_FRAMES, MAX_CLIPS_PER_TRACKLET, MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
 from keyreid.runtime.coco_keypoints import COCO_FILE_NAME, read_coco_keypoints
 
@@ -48,6 +48,14 @@ class Tracklet:
     def num_frames(self) -> int:
         return len(self.frame_paths)
 
+    @property
+    def input_files(self) -> List[Path]:
+        """Every file the tracklet is read from: frames, .pose files, its COCO keypoints file."""
+        poses = [pose for pose in self.pose_paths if isinstance(pose, Path)]
+        from_coco = self.frame_paths and any(pose is not None and not isinstance(pose, Path)
+                                             for pose in self.pose_paths)
+        return list(self.frame_paths) + poses + ([self.frame_paths[0].parent / COCO_FILE_NAME] if from_coco else [])
+
 
 @dataclass(frozen=True)
 class TrackletFailure:
@@ -60,7 +68,15 @@ class TrackletScan:
     root: Path
     tracklets: List[Tracklet]
     failures: List[TrackletFailure] = field(default_factory=list)
-    label_sources: Dict[str, int] = field(default_factory=dict)   # "manifest"/"mars_names"/"default" -> count
+    ignored: List[Path] = field(default_factory=list)     # entries of tracklet folders that are neither
+
+    def ignored_summary(self) -> Optional[str]:
+        """One line about the ignored entries, or None when there were none."""
+        if not self.ignored:
+            return None
+        examples = ", ".join(str(path) for path in self.ignored[:3])
+        return (f"ignored {len(self.ignored)} entries of tracklet folders that are neither frames "
+                f"({'/'.join(FRAME_SUFFIXES)} files) nor {POSE_SUFFIX} files, e.g. {examples}")
 
 
 @dataclass(frozen=True)
@@ -114,9 +130,9 @@ def _parse_int(text: str, what: str, where: str) -> int:
 
 
 def _check_camera(camera: int, where: str) -> int:
+    """The lower bound only: the engine, not yet known here, checks the upper one."""
     if camera < MEAN_CAMERA:
-        raise KeyreidError(f"{where}: camera must be a 0-based index or {MEAN_CAMERA} "
-                           f"(mean camera), got {camera}")
+        raise KeyreidError(f"{where}: {camera_problem(camera, None)}")
     return camera
 
 
@@ -153,11 +169,18 @@ def read_manifest(path: Path, default_camera: int) -> Dict[str, Tuple[int, int]]
     return labels
 
 
-def _frame_files(folder: Path) -> List[Path]:
-    return sorted((entry for entry in folder.iterdir()
-                   if entry.is_file() and not entry.name.startswith(".")
-                   and entry.suffix.lower() in FRAME_SUFFIXES),
-                  key=lambda entry: entry.name)
+def _frame_files(folder: Path, ignored: List[Path]) -> List[Path]:
+    """The folder's frame files in name order; other visible entries that are not ``.pose``
+    entries (a .bmp, ``x.jpg.txt``, a sub-folder, a broken link) go to ``ignored``."""
+    frames = []
+    for entry in folder.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.suffix.lower() in FRAME_SUFFIXES and entry.is_file():
+            frames.append(entry)
+        elif entry.suffix != POSE_SUFFIX:    # pose files, even odd ones, are read_pose's to count
+            ignored.append(entry)
+    return sorted(frames, key=lambda entry: entry.name)
 
 
 def _labels_from_mars_names(frames: List[Path]) -> Union[Tuple[int, int], str, None]:
@@ -192,19 +215,18 @@ def discover_tracklets(root: PathLike, default_camera: int = 0) -> TrackletScan:
 
     scan = TrackletScan(root=root, tracklets=[])
     for folder in folders:
-        frames = _frame_files(folder)
+        frames = _frame_files(folder, scan.ignored)
         if not frames:
             scan.failures.append(TrackletFailure(folder.name, f"no frames ({'/'.join(FRAME_SUFFIXES)})"))
             continue
         if folder.name in manifest:
-            (pid, camera), source = manifest[folder.name], "manifest"
+            pid, camera = manifest[folder.name]
         else:
             from_names = _labels_from_mars_names(frames)
             if isinstance(from_names, str):
                 scan.failures.append(TrackletFailure(folder.name, from_names))
                 continue
-            (pid, camera), source = (from_names, "mars_names") if from_names else \
-                ((UNKNOWN_PID, default_camera), "default")
+            pid, camera = from_names or (UNKNOWN_PID, default_camera)
         pose_paths: Tuple[Any, ...] = tuple(frame.with_suffix(POSE_SUFFIX) for frame in frames)
         if (folder / COCO_FILE_NAME).is_file():
             try:
@@ -218,7 +240,6 @@ def discover_tracklets(root: PathLike, default_camera: int = 0) -> TrackletScan:
             frame_paths=tuple(frames),
             pose_paths=pose_paths,
             pid=pid, camera=camera))
-        scan.label_sources[source] = scan.label_sources.get(source, 0) + 1
 
     folder_names = {folder.name for folder in folders}
     for name in manifest:

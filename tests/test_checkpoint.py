@@ -1,6 +1,7 @@
 """The checkpoint loader: every upstream format loads strictly; every bad file gets one sentence."""
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,22 @@ class NotATensor:
 def test_pickled_python_objects_are_refused_not_executed(tmp_path):
     path = _save(tmp_path / "objects.pth", {"base.cls_token": torch.zeros(1), "x": NotATensor()})
     assert "weights_only" in _message(path)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path, seed):
+    path = tmp_path / "random.pth"
+    path.write_bytes(np.random.default_rng(seed).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    message = _message(path)
+    assert "is not a PyTorch checkpoint" in message and "Python objects" not in message
+
+
+def test_checkpoint_with_zero_cameras_is_refused_when_loaded_naming_it(tmp_path):
+    state_dict = random_state_dict(REDUCED)
+    state_dict["base.Cam"] = torch.zeros(0, 1, REDUCED.embed_dim)
+    path = _save(tmp_path / "no_cameras.pth", state_dict)
+    message = _message(path)
+    assert str(path) in message and "at least one camera" in message
 
 
 def test_plain_pickle_is_refused(tmp_path):

@@ -67,7 +67,7 @@ def test_clips_in_a_batch_do_not_affect_each_other(reduced_model, rng):
 @pytest.mark.parametrize("camera", [6, -2, 100])
 def test_out_of_range_camera_is_an_error(reduced_model, rng, camera):
     frames, part_weights = _inputs(rng, 1)
-    with pytest.raises(KeyreidError, match="camera index"):
+    with pytest.raises(KeyreidError, match=f"camera {camera} is out of range"):
         reference_outputs(reduced_model, frames, None, None, np.array([camera]),
                           part_weights=part_weights)
 

@@ -1,5 +1,5 @@
 """The runtime's command-line tools: infer.py (tracklet embeddings, MARS and query/gallery
-evaluation, the ranking figure) and compare.py (engine vs engine, engine vs checkpoint).
+evaluation, the ranking figure) and compare.py (engine vs engine, engine vs a checkpoint's reference file).
 
 Most runs call ``main(argv)`` in-process; a few subprocesses check the scripts' entry points and
 that nothing on these paths needs torch. The exported model is the session's reduced one
@@ -7,6 +7,8 @@ that nothing on these paths needs torch. The exported model is the session's red
 camera-blind so that distances follow the pixel values alone.
 """
 import json
+import signal
+import time
 import os
 import subprocess
 import sys
@@ -17,12 +19,13 @@ import numpy as np
 import pytest
 
 from keyreid.cli import run_main
+from keyreid.errors import KeyreidError
 from keyreid.comparator import Tolerance, compare_output
 from keyreid import files as result_files
 from keyreid.runtime import compare, images, infer, poses, ranking_figure
 from keyreid.runtime.engines import open_engine
 from keyreid.runtime.tracklets import split_into_clips
-from keyreid.synthetic import realistic_keypoints, synthetic_frames
+from keyreid.synthetic import write_synthetic_tracklet
 
 from toy_engine_model import build_toy_model
 
@@ -48,20 +51,11 @@ def write_pose(path: Path, keypoints: np.ndarray) -> Path:
 
 def realistic_tracklet(root: Path, name: str, num_frames: int, crop=(128, 256), suffix=".jpg", seed=0,
                        without_pose=()) -> Path:
-    """Synthetic person frames at ``crop`` (width, height) with realistic .pose files."""
-    rng = np.random.default_rng(seed)
-    clips = -(-num_frames // 4)
-    frames = synthetic_frames(rng, clips).reshape(-1, 256, 128, 3)[:num_frames]
-    keypoints, _ = realistic_keypoints(rng, clips, crop_sizes=[crop], size_jitter_px=0)
-    keypoints = keypoints.reshape(-1, 17, 3)[:num_frames]
-    folder = root / name
-    folder.mkdir(parents=True)
-    for index in range(num_frames):
-        frame = frames[index] if crop == (128, 256) else cv2.resize(frames[index], crop, interpolation=cv2.INTER_AREA)
-        write_frame(folder / f"{index:04d}{suffix}", frame)
-        if index not in without_pose:
-            write_pose(folder / f"{index:04d}.pose", keypoints[index])
-    return folder
+    """Synthetic person frames with realistic .pose files; crops other than MARS's 128x256 vary
+    by a few pixels from frame to frame, so per-frame sizes and keypoints are exercised."""
+    return write_synthetic_tracklet(root / name, num_frames, np.random.default_rng(seed), crop_size=crop,
+                                    size_jitter_px=0 if crop == (128, 256) else 6, suffix=suffix,
+                                    without_pose=without_pose)
 
 
 def gray_tracklet(root: Path, name: str, level: int, num_frames: int = 1, crop=(128, 256)) -> Path:
@@ -163,6 +157,32 @@ def test_opencv_preprocessing_agrees_with_upstreams_pil_path_on_other_crop_sizes
     for name, crop in ((name, crop) for name, _, crop, _ in REALISTIC_TRACKLETS if crop != (128, 256)):
         comparison = compare_output(name, ours[name][None], upstream[name][None], Tolerance(min_cosine=0.9999))
         assert comparison.passed, comparison.failures
+
+
+def test_each_frame_of_a_clip_keeps_its_own_crop_size_keypoints_and_part_weights(reduced_onnx, realistic_dir):
+    """Crop sizes and poses differ within a tracklet; the loader must keep frame i's own size and
+    pose in slot i, and the engine's part weights W (tested directly, SPEC section 5) must be
+    the reference op's on exactly those per-frame inputs."""
+    from keyreid.kernels import part_weights_reference
+    from keyreid.runtime.pipeline import clip_loader, clip_requests
+    from keyreid.runtime.runner import Runner
+    from keyreid.runtime.tracklets import discover_tracklets
+
+    tracklet = next(t for t in discover_tracklets(realistic_dir).tracklets if t.name == "d_nine")
+    requests = clip_requests(tracklet)
+    clips = [clip_loader()(request) for request in requests]
+    for request, clip in zip(requests, clips):
+        for slot, frame_path in enumerate(request["frames"]):
+            height, width = cv2.imread(str(frame_path)).shape[:2]
+            assert clip["crop_size"][slot].tolist() == [width, height]
+            assert np.array_equal(clip["keypoints"][slot], poses.read_pose(frame_path.with_suffix(".pose"))[0])
+    sizes = {tuple(size) for clip in clips for size in clip["crop_size"].tolist()}
+    assert len(sizes) > 3                                # the sizes really vary within the tracklet
+    with open_engine(reduced_onnx) as engine, Runner(engine, max_queue_delay_ms=0) as runner:
+        results = [runner.submit_clip(clip).result(timeout=60) for clip in clips]
+    for clip, result in zip(clips, results):
+        expected = part_weights_reference(clip["keypoints"][None], clip["crop_size"][None], "max")[0]
+        np.testing.assert_allclose(result["part_weights"], expected, atol=1e-5)
 
 
 def test_unlabelled_tracklets_get_unknown_pid_and_the_default_camera(toy_model, realistic_dir, tmp_path):
@@ -401,7 +421,7 @@ def test_bad_engine_file_is_a_one_line_error(toy_model, good_pair, tmp_path, cap
 def test_camera_option_out_of_range_is_a_clear_error(toy_model, good_pair, tmp_path, capsys):
     assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz",
                      "--camera", "6", "-q") == 1
-    assert "error: --camera: camera 6 is out of range: this engine takes 0..5" in capsys.readouterr().err
+    assert "error: --camera: camera 6 is out of range: this model takes 0..5" in capsys.readouterr().err
 
 
 def test_manifest_camera_out_of_range_fails_that_tracklet(toy_model, good_pair, tmp_path, capsys):
@@ -444,7 +464,7 @@ def test_interrupted_write_keeps_the_old_file_and_leaves_no_partial(tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(result_files.os, "replace", failing_replace)
-    with pytest.raises(Exception, match="No space left"):
+    with pytest.raises(KeyreidError, match="No space left"):
         result_files.write_npz(target, {"embeddings": np.zeros((2, 3), np.float32)})
     assert target.read_bytes() == b"previous"
     assert os.listdir(tmp_path) == ["out.npz"]
@@ -471,12 +491,44 @@ def test_compare_engine_with_itself_agrees_exactly(reduced_onnx, capsys):
     assert "6/6 clips agree" in out and out.rstrip().endswith("PASS")
 
 
-def test_compare_engine_with_its_checkpoint_passes_at_fp32_tolerance(reduced_onnx, reduced_checkpoint, capsys):
-    assert run_compare("--engine", reduced_onnx, "--checkpoint", reduced_checkpoint, "--clips", "6",
-                       "--min-agreement", "1") == 0
+@pytest.fixture(scope="module")
+def reduced_reference(reduced_checkpoint, tmp_path_factory):
+    """Reference results of the reduced checkpoint, written by the export CLI."""
+    from keyreid.export.reference_outputs import main
+    output = tmp_path_factory.mktemp("reference") / "reduced_reference.npz"
+    assert main([str(reduced_checkpoint), "-o", str(output), "--clips", "6", "-q"]) == 0
+    return output
+
+
+def test_compare_engine_with_its_checkpoints_reference_file_passes_at_fp32_tolerance(reduced_onnx, reduced_reference,
+                                                                                       capsys):
+    assert run_compare("--engine", reduced_onnx, "--reference", reduced_reference, "--min-agreement", "1") == 0
     out = capsys.readouterr().out
-    assert "heatmap mode max" in out                 # read from the engine's metadata
+    assert "heatmap mode max" in out and "6 clips of" in out
     assert table_row(out, "embedding")[3] <= 1e-4
+
+
+def test_compare_with_a_reference_file_of_another_heatmap_mode_warns_and_fails(reduced_onnx, reduced_checkpoint,
+                                                                                 tmp_path, capsys):
+    from keyreid.export.reference_outputs import main
+    reference = tmp_path / "blank.npz"
+    assert main([str(reduced_checkpoint), "-o", str(reference), "--clips", "3", "--heatmap-mode", "blank", "-q"]) == 0
+    assert run_compare("--engine", reduced_onnx, "--reference", reference) == 1
+    captured = capsys.readouterr()
+    assert "heatmap mode max, the reference file used blank" in captured.err
+    assert "FAIL: " in captured.out and "part_weights: max abs error" in captured.out
+
+
+@pytest.mark.parametrize("content", [b"", b"not an npz", None])
+def test_compare_with_a_file_that_is_not_a_reference_is_a_one_line_error(toy_model, tmp_path, capsys, content):
+    path = tmp_path / "ref.npz"
+    if content is None:
+        np.savez(path, something=np.zeros(3))
+    else:
+        path.write_bytes(content)
+    assert run_compare("--engine", toy_model, "--reference", path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not a reference file" in err and err.count("\n") == 1
 
 
 def test_compare_mismatching_models_exits_1(toy_model, tmp_path, capsys):
@@ -489,14 +541,6 @@ def test_compare_mismatching_models_exits_1(toy_model, tmp_path, capsys):
 def test_compare_on_clips_from_tracklets(toy_model, realistic_dir, capsys):
     assert run_compare("--engine", toy_model, "--engine", toy_model, "--tracklets", realistic_dir) == 0
     assert "7 clips from" in capsys.readouterr().out
-
-
-def test_compare_checkpoint_without_torch_names_the_export_extra(toy_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "torch", None)
-    assert run_compare("--engine", toy_model, "--checkpoint", tmp_path / "any.pth", "--clips", "2") == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: --checkpoint runs the PyTorch reference model: torch is not installed")
-    assert 'keyreid[export]' in err
 
 
 def test_retrieval_agreement_counts_identical_top_k_lists():
@@ -544,3 +588,54 @@ def test_runtime_tools_import_and_run_without_torch(toy_model, good_pair, tmp_pa
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+def test_summary_counts_folder_entries_that_are_neither_frames_nor_poses(toy_model, good_pair, tmp_path, capsys):
+    (good_pair / "a_good" / "notes.bmp").write_bytes(b"x")
+    (good_pair / "a_good" / "0000.png.txt").write_text("x")
+    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz", "-q") == 0
+    assert "ignored 2 entries of tracklet folders" in capsys.readouterr().out
+
+
+def test_frame_above_the_size_limit_fails_only_its_tracklet(toy_model, good_pair, tmp_path, capsys):
+    gray_tracklet(good_pair, "b_huge", 70, crop=(64, 300))
+    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz",
+                     "--max-frame-side", "256", "-q") == 1
+    out = capsys.readouterr().out
+    assert "2 done, 1 failed" in out and "failed b_huge: frame" in out and "above the limit of 256" in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_infer_cancels_the_queued_clips_and_exits_promptly(toy_model, tmp_path, signum):
+    root = tmp_path / "tracklets"
+    for index in range(30):
+        gray_tracklet(root, f"t{index:02d}", index, num_frames=8)
+    calls = tmp_path / "calls.txt"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from keyreid.cli import run_main
+        from keyreid.runtime import engine_ort, infer
+        original = engine_ort.OrtEngine.infer_impl
+        def slow(self, feed):
+            with open({str(calls)!r}, "a") as log:
+                log.write(f"{{time.monotonic()}}\\n")
+            time.sleep(0.2)
+            return original(self, feed)
+        engine_ort.OrtEngine.infer_impl = slow
+        sys.exit(run_main(infer.main, ["--engine", {str(toy_model)!r}, "--tracklets", {str(root)!r},
+                                       "-o", {str(tmp_path / "out.npz")!r}, "--max-batch", "1", "-q"]))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 60
+    while not (calls.exists() and len(calls.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    signalled = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum, err
+    assert time.monotonic() - signalled < 5
+    after = [float(line) for line in calls.read_text().splitlines() if float(line) > signalled]
+    assert len(after) <= 1                       # at most the batch already on its way
+    assert len(calls.read_text().splitlines()) < 60 * 0.5
+    assert sorted(os.listdir(tmp_path)) == ["calls.txt", "tracklets"]

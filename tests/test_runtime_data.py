@@ -4,6 +4,7 @@ None of this needs an engine or torch; Pillow and SciPy are only used as referen
 write fixtures.
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -145,15 +146,27 @@ def test_16_bit_frame_is_rejected(tmp_path):
         images.load_frame(path)
 
 
-def test_load_frames_lays_out_model_inputs(tmp_path):
-    paths = []
-    for index, (width, height) in enumerate([(128, 256), (64, 128)]):
-        paths.append(tmp_path / f"{index}.png")
-        Image.fromarray(photo_like(width, height, seed=index)).save(paths[-1])
-    frames, crop_sizes = images.load_frames(paths)
-    assert frames.shape == (2, IMAGE_HEIGHT, IMAGE_WIDTH, 3) and frames.dtype == np.uint8
-    assert crop_sizes.dtype == np.float32
-    assert crop_sizes.tolist() == [[128, 256], [64, 128]]
+def test_frame_declaring_a_side_above_the_limit_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "huge.png"
+    cv2.imwrite(str(path), np.zeros((20, 5000, 3), np.uint8))
+    with pytest.raises(KeyreidError, match="huge.png is 5000x20 pixels, above the limit of 4096"):
+        images.load_frame(path)
+    assert images.load_frame(path, max_side=5000)[1] == (5000, 20)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_declared_size_reads_the_header_of_jpeg_and_png(tmp_path, suffix):
+    path = tmp_path / f"f{suffix}"
+    cv2.imwrite(str(path), np.zeros((37, 23, 3), np.uint8))
+    assert images.declared_size(path.read_bytes()) == (23, 37)
+
+
+def test_frame_that_is_neither_jpeg_nor_png_is_refused(tmp_path):
+    path = tmp_path / "f.jpg"
+    cv2.imwrite(str(tmp_path / "f.bmp"), np.zeros((8, 8, 3), np.uint8))
+    path.write_bytes((tmp_path / "f.bmp").read_bytes())
+    with pytest.raises(KeyreidError, match="not a JPEG or PNG"):
+        images.load_frame(path)
 
 
 # ----------------------------------------------------------------------------- poses
@@ -223,14 +236,24 @@ def test_joint_outside_the_crop_with_valid_confidence_is_kept(tmp_path):
     assert cleared == 0 and keypoints[9].tolist() == [-4.0, 300.0, pytest.approx(0.8)]
 
 
-def test_load_poses_stacks_frames_and_tallies_each(tmp_path):
-    good = tmp_path / "good.pose"
-    write_pose(good, a_pose())
+def test_deeply_nested_pose_file_counts_as_malformed(tmp_path):
+    path = tmp_path / "deep.pose"
+    path.write_text("[" * 100_000 + "]" * 100_000)
     tally = poses.PoseTally()
-    keypoints = poses.load_poses([good, tmp_path / "absent.pose", None], tally)
-    assert keypoints.shape == (3, NUM_KEYPOINTS, 3) and keypoints.dtype == np.float32
-    assert (tally.ok, tally.missing) == (1, 2)
-    assert "1 read, 2 missing" in tally.summary()
+    keypoints = poses.load_pose(path, tally)
+    assert tally.malformed == 1 and not keypoints.any()
+
+
+def test_oversized_pose_file_counts_as_malformed_without_reading_it_whole(tmp_path):
+    path = tmp_path / "big.pose"
+    path.write_text(json.dumps(a_pose()) + " " * poses.MAX_POSE_BYTES)
+    assert poses.read_pose(path)[1] is poses.PoseStatus.MALFORMED
+
+
+def test_pose_path_that_is_a_fifo_does_not_block(tmp_path):
+    path = tmp_path / "f.pose"
+    os.mkfifo(path)
+    assert poses.read_pose(path)[1] is poses.PoseStatus.UNREADABLE
 
 
 # ----------------------------------------------------------------------------- clips
@@ -311,7 +334,6 @@ def test_manifest_gives_identity_and_camera(tmp_path):
     scan = tracklets.discover_tracklets(tmp_path, default_camera=4)
     labels = {track.name: (track.pid, track.camera) for track in scan.tracklets}
     assert labels == {"alice": (7, 2), "bob": (8, 4)}
-    assert scan.label_sources == {"manifest": 2}
 
 
 def test_mars_frame_names_give_identity_and_zero_based_camera(tmp_path):
@@ -320,7 +342,15 @@ def test_mars_frame_names_give_identity_and_zero_based_camera(tmp_path):
     scan = tracklets.discover_tracklets(tmp_path)
     labels = {track.name: (track.pid, track.camera) for track in scan.tracklets}
     assert labels == {"x": (42, 2), "y": (-1, 5)}
-    assert scan.label_sources == {"mars_names": 2}
+
+
+def test_entries_that_are_neither_frames_nor_poses_are_counted(tmp_path):
+    make_tracklet(tmp_path / "t1", ["a.jpg", "b.bmp", "x.jpg.txt"])
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "t1" / "broken.jpg")
+    (tmp_path / "t1" / "sub").mkdir()
+    scan = tracklets.discover_tracklets(tmp_path)
+    assert sorted(path.name for path in scan.ignored) == ["b.bmp", "broken.jpg", "sub", "x.jpg.txt"]
+    assert scan.ignored_summary().startswith("ignored 4 entries")
 
 
 def test_unlabelled_tracklet_gets_default_camera_and_unknown_pid(tmp_path):
@@ -371,7 +401,7 @@ def test_missing_tracklet_directory_raises(tmp_path):
 @pytest.mark.parametrize("manifest,message", [
     ("tracklet,pid\nalice,1\n", "needs the columns"),
     ("tracklet,pid,camera\nalice,one,0\n", "pid must be an integer"),
-    ("tracklet,pid,camera\nalice,1,-2\n", "camera must be"),
+    ("tracklet,pid,camera\nalice,1,-2\n", "camera -2 is out of range"),
     ("tracklet,pid,camera\nalice,1,0\nalice,1,0\n", "listed twice"),
 ])
 def test_bad_manifest_raises_naming_the_problem(tmp_path, manifest, message):
@@ -495,7 +525,30 @@ def test_mars_corrupt_mat_file_raises_naming_it(tmp_path):
 def test_mars_table_that_does_not_match_the_names_raises(tmp_path):
     names = build_fake_mars(tmp_path)
     (tmp_path / "info" / "test_name.txt").write_text("\n".join(names[1:]) + "\n")   # shifted by one
-    with pytest.raises(KeyreidError, match="row"):
+    with pytest.raises(KeyreidError, match="no row .* makes a tracklet"):
+        mars.load_mars_test(tmp_path)
+
+
+@pytest.mark.parametrize("escape", ["../../../etc/passwd", "0001C1T0001F002.jpg/../../../../x.jpg",
+                                    "/etc/hostname"])
+def test_mars_frame_name_leaving_bbox_test_fails_only_its_tracklet(tmp_path, escape):
+    names = build_fake_mars(tmp_path)
+    names[1] = escape                          # second frame of the first tracklet (0001C1T0001)
+    (tmp_path / "info" / "test_name.txt").write_text("\n".join(names) + "\n")
+    split = mars.load_mars_test(tmp_path)
+    assert [failure.name for failure in split.failures] == ["query/row 1"]
+    assert "not a plain file name" in split.failures[0].reason
+    assert [track.name for track in split.query] == ["0002C1T0001"]
+    frames_dir = (tmp_path / "bbox_test").resolve()
+    for track in split.query + split.gallery:
+        assert all(frames_dir in path.resolve().parents for path in track.frame_paths)
+
+
+@pytest.mark.parametrize("content", [b"", b"MATLAB 5.0 MAT-file" + bytes(200), b"\x00" * 5])
+def test_mars_empty_or_malformed_mat_file_is_a_keyreid_error(tmp_path, content):
+    build_fake_mars(tmp_path)
+    (tmp_path / "info" / "query_IDX.mat").write_bytes(content)
+    with pytest.raises(KeyreidError, match="query_IDX.mat: not a readable .mat file"):
         mars.load_mars_test(tmp_path)
 
 

@@ -70,6 +70,18 @@ def test_missing_num_cameras_metadata_means_unknown_and_option_overrides(tmp_pat
         assert engine.num_cameras == 2
 
 
+def test_engine_that_does_not_know_its_cameras_refuses_a_camera_index_before_running(tmp_path, feed):
+    path = build_toy_model(tmp_path / "no_meta.onnx", num_cameras=None)
+    with open_engine(path) as engine:
+        with pytest.raises(KeyreidError, match="camera 99 cannot be checked.*--num-cameras"):
+            engine.infer(dict(feed, camera=np.array([99, 0, -1], np.int64)))
+        outputs = engine.infer(dict(feed, camera=np.full(3, -1, np.int64)))
+    assert outputs["embedding"].shape[0] == 3
+    with open_engine(path, num_cameras=2) as engine:
+        with pytest.raises(KeyreidError, match="camera 3 is out of range: this model takes 0..1"):
+            engine.infer(feed)
+
+
 def test_bad_num_cameras_metadata_is_reported(tmp_path):
     path = build_toy_model(tmp_path / "bad_meta.onnx", num_cameras=0)
     assert "num_cameras" in load_error(path)

@@ -11,7 +11,7 @@ import pytest
 
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engine_ort import OrtEngine
-from keyreid.runtime.runner import QueueFull, Runner, load_frames_with, tracklet_feature
+from keyreid.runtime.runner import Cancelled, QueueFull, Runner, tracklet_feature
 
 from toy_engine_model import batch_feed, build_toy_model, random_clip
 
@@ -62,6 +62,20 @@ class GatedEngine(CountingEngine):
         self.entered.set()
         assert self.gate.wait(10)
         return super().infer_impl(feed)
+
+
+def load_frames_with(load_frame):
+    """A preprocess hook for these tests: ``frames`` given as 'paths', decoded by ``load_frame``
+    (which may also return the crop size, as images.load_frame does)."""
+    def preprocess(clip):
+        if isinstance(clip["frames"], np.ndarray):
+            return clip
+        loaded = [load_frame(path) for path in clip["frames"]]
+        if isinstance(loaded[0], tuple):
+            return dict(clip, frames=np.stack([frame for frame, _ in loaded]),
+                        crop_size=np.array([size for _, size in loaded], np.float32))
+        return dict(clip, frames=np.stack(loaded))
+    return preprocess
 
 
 def single(engine, clip):
@@ -412,3 +426,125 @@ def test_memory_does_not_grow_across_repeated_runs(toy_model, clips):
         finally:
             tracemalloc.stop()
     assert grown < 256 * 1024, f"traced memory grew by {grown} bytes over 3 rounds"
+
+
+# --- nothing waits on itself; faults fail futures, not the runner --------------------------
+def test_done_callback_submitting_to_a_full_queue_gets_queue_full_instead_of_deadlocking(toy_model, clips):
+    engine = GatedEngine(toy_model)
+    outcome = []
+
+    def resubmit(done):
+        try:
+            outcome.append(runner.submit_clip(clips[5]))
+        except QueueFull as exc:
+            outcome.append(exc)
+
+    with Runner(engine, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2) as runner:
+        first = hold_first_request(runner, engine, clips[0])
+        first.add_done_callback(resubmit)           # runs on the scheduler thread
+        rest = [runner.submit_clip(clips[1]), runner.submit_clip(clips[2])]   # queue full
+        engine.gate.set()
+        for future in [first] + rest:
+            future.result(timeout=5)
+    assert len(outcome) == 1 and isinstance(outcome[0], QueueFull) and "done-callback" in str(outcome[0])
+
+
+def test_close_called_from_a_done_callback_on_a_worker_thread_returns(toy_model, clips):
+    def load_frame(path):
+        raise KeyreidError("unreadable")
+
+    closed = threading.Event()
+    runner = Runner(OrtEngine(toy_model), preprocess=load_frames_with(load_frame), max_queue_delay_ms=0)
+    other = runner.submit_clip(clips[1])
+    bad = runner.submit_clip(dict(clips[0], frames=["x"] * 4))
+    bad.add_done_callback(lambda done: (runner.close(), closed.set()))
+    assert closed.wait(5)
+    other.result(timeout=5)
+    runner.close()
+
+
+class ExplodingEngine(CountingEngine):
+    """Raises a BaseException (not an Exception) the first ``failures`` times it is called."""
+
+    def __init__(self, *args, failures=1, exception=SystemExit, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures, self.exception = failures, exception
+
+    def infer_impl(self, feed):
+        self.batch_sizes.append(len(feed["camera"]))
+        if self.failures:
+            self.failures -= 1
+            raise self.exception("engine fault")
+        return OrtEngine.infer_impl(self, feed)
+
+
+def test_base_exception_from_the_engine_fails_the_request_and_the_runner_keeps_serving(toy_model, clips):
+    engine = ExplodingEngine(toy_model, failures=2, exception=KeyboardInterrupt)
+    with Runner(engine, max_queue_delay_ms=0) as runner:
+        failed = runner.submit_clip(clips[0])
+        assert isinstance(failed.exception(timeout=5), KeyboardInterrupt)
+        assert runner.submit_clip(clips[1]).result(timeout=5)["embedding"].shape == (100,)
+        assert runner.is_serving
+
+
+def test_one_off_engine_failure_on_a_single_request_batch_is_retried(toy_model, clips):
+    engine = ExplodingEngine(toy_model, failures=1, exception=RuntimeError)
+    with Runner(engine, max_queue_delay_ms=0) as runner:
+        result = runner.submit_tracklet(clips[:3]).result(timeout=5)
+        expected = tracklet_feature(np.stack([single(engine, clip)[0] for clip in clips[:3]]))
+    assert engine.batch_sizes[:2] == [3, 3]
+    assert np.array_equal(result, expected)
+
+
+class NanEngine(CountingEngine):
+    """Returns NaN in the embedding of clips whose camera is 5."""
+
+    def infer_impl(self, feed):
+        outputs = OrtEngine.infer_impl(self, feed)
+        outputs["embedding"][feed["camera"] == 5, 3] = np.nan
+        return outputs
+
+
+def test_non_finite_outputs_fail_only_the_affected_requests(toy_model, clips):
+    with Runner(NanEngine(toy_model), max_batch_size=8, max_queue_delay_ms=20) as runner:
+        good = runner.submit_tracklet([clips[0], clips[1]])
+        bad = runner.submit_tracklet([clips[0], clips[5]])      # clips[5] has camera 5
+        bad_clip = runner.submit_clip(clips[5])
+        assert np.isfinite(good.result(timeout=5)).all()
+        with pytest.raises(KeyreidError, match="NaN or infinite values for clip 1 of the tracklet"):
+            bad.result(timeout=5)
+        with pytest.raises(KeyreidError, match="NaN or infinite values for the clip"):
+            bad_clip.result(timeout=5)
+
+
+def test_leaving_the_block_on_an_exception_cancels_what_is_queued(toy_model, clips):
+    engine = GatedEngine(toy_model)
+    with pytest.raises(KeyboardInterrupt):
+        with Runner(engine, max_batch_size=1, max_queue_delay_ms=0, max_queue_size=64) as runner:
+            running = hold_first_request(runner, engine, clips[0])
+            queued = [runner.submit_clip(clips[index % 8]) for index in range(40)]
+            threading.Timer(0.2, engine.gate.set).start()
+            raise KeyboardInterrupt
+    assert running.exception(timeout=0) is None or running.done()
+    assert all(isinstance(future.exception(timeout=0), Cancelled) for future in queued)
+    assert len(engine.batch_sizes) <= 2
+
+
+def test_run_tracklets_fails_what_waits_on_a_hung_engine_instead_of_waiting_forever(toy_model, tmp_path):
+    from keyreid.runtime.pipeline import run_tracklets
+    from keyreid.runtime.poses import PoseTally
+    from keyreid.runtime.pipeline import clip_loader
+    from keyreid.runtime.tracklets import discover_tracklets
+    import cv2
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "0.png"), np.zeros((256, 128, 3), np.uint8))
+    engine = GatedEngine(toy_model)
+    tally = PoseTally()
+    started = time.monotonic()
+    with Runner(engine, preprocess=clip_loader(tally), max_batch_size=1, max_queue_delay_ms=0) as runner:
+        threading.Timer(3.0, engine.gate.set).start()
+        run = run_tracklets(runner, discover_tracklets(tmp_path).tracklets, tally, stall_timeout_s=0.5)
+    assert time.monotonic() - started < 8
+    assert [failure.name for failure in run.failures] == ["a", "b"]
+    assert "appears hung" in run.failures[0].reason
