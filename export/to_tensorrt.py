@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from keyreid.export.trt_builder import BuildOptions, build_plan
-    from keyreid.runtime.plan_sidecar import sidecar_path
+    from keyreid.plan_sidecar import sidecar_path
 
     if not args.onnx.is_file():
         raise KeyreidError(f"{args.onnx}: ONNX file does not exist")

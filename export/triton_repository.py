@@ -12,7 +12,6 @@ then checked against the contract, before anything is written.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence
@@ -23,6 +22,7 @@ from keyreid import __version__
 from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, INPUTS, TensorSpec, output_specs
 from keyreid.errors import KeyreidError
 from keyreid.files import copy_file, write_bytes
+from keyreid.plan_sidecar import read_sidecar, sidecar_path
 from keyreid.lazy import require
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, config_datatype,
                             preferred_batch_sizes, wire_dims)
@@ -30,7 +30,6 @@ from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, config_da
 PLATFORMS = {"onnx": "onnxruntime_onnx", "plan": "tensorrt_plan"}
 MODEL_FILES = {"onnx": "model.onnx", "plan": "model.plan"}
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
-SIDECAR_FORMAT, SIDECAR_VERSION = "keyreid-plan-sidecar", 1
 WARMUP_CROP_FILE = "crop_size"   # under DIR/NAME/warmup/, as Triton's input_data_file expects
 
 
@@ -57,36 +56,6 @@ class RepositoryOptions:
 
 
 # --- reading the model -----------------------------------------------------------------------
-def read_plan_sidecar(plan: Path) -> dict:
-    """The JSON sidecar TensorRT export writes beside ``model.plan`` (``model.plan.json``)."""
-    sidecar = plan.with_name(plan.name + ".json")
-    if not sidecar.is_file():
-        raise KeyreidError(f"{plan}: its sidecar {sidecar.name} is missing; the TensorRT export writes it "
-                           "beside the plan, and it says which TensorRT the server needs")
-    try:
-        content = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise KeyreidError(f"{sidecar}: not a readable JSON file ({exc})") from exc
-    problems = []
-    if not isinstance(content, dict) or content.get("format") != SIDECAR_FORMAT:
-        raise KeyreidError(f"{sidecar}: not a keyreid plan sidecar (format must be {SIDECAR_FORMAT!r})")
-    if content.get("format_version") != SIDECAR_VERSION:
-        problems.append(f"format_version is {content.get('format_version')!r}; this keyreid reads {SIDECAR_VERSION}")
-    if not isinstance(content.get("tensorrt_version"), str):
-        problems.append("tensorrt_version is missing")
-    if not isinstance(content.get("onnx_metadata"), dict):
-        problems.append("onnx_metadata is missing")
-    if content.get("plugin") not in ("aot", "none"):
-        problems.append(f"plugin is {content.get('plugin')!r}, not 'aot' or 'none'")
-    build = content.get("build")
-    if not isinstance(build, dict) or not all(isinstance(build.get(key), int) and build[key] >= 1
-                                              for key in ("opt_batch", "max_batch")):
-        problems.append("build.opt_batch and build.max_batch must be whole numbers of at least 1")
-    if problems:
-        raise KeyreidError(f"{sidecar}: " + "; ".join(problems))
-    return content
-
-
 def describe_onnx(path: Path) -> ModelDescription:
     """Open the ONNX model on ONNX Runtime's CPU provider: this checks its I/O against the
     contract and reads its metadata (cameras, heatmap mode, embedding length)."""
@@ -98,26 +67,23 @@ def describe_onnx(path: Path) -> ModelDescription:
 
 def describe_plan(path: Path) -> ModelDescription:
     """A TensorRT plan is described by its sidecar (reading the plan itself needs TensorRT and a GPU)."""
-    sidecar = read_plan_sidecar(path)
-    metadata = {str(key): str(value) for key, value in sidecar["onnx_metadata"].items()}
-    try:
-        embed_dim = int(metadata["embed_dim"])
-    except (KeyError, ValueError):
-        raise KeyreidError(f"{path}: the sidecar's onnx_metadata has no embed_dim (model width)") from None
-    capability = ".".join(str(part) for part in sidecar.get("compute_capability") or []) or "unknown"
-    parameters = dict(metadata, tensorrt_version=sidecar["tensorrt_version"], plugin=sidecar["plugin"],
-                      device_name=str(sidecar.get("device_name", "unknown")), compute_capability=capability)
+    sidecar = read_sidecar(path)
+    if sidecar.embed_dim is None:
+        raise KeyreidError(f"{path}: the sidecar's onnx_metadata has no embed_dim (model width)")
+    capability = ".".join(str(part) for part in sidecar.compute_capability)
+    parameters = dict(sidecar.onnx_metadata, tensorrt_version=sidecar.tensorrt_version, plugin=sidecar.plugin,
+                      device_name=sidecar.device_name, compute_capability=capability)
     plugin_note = ("The KeypointPartPool plugin is compiled into the plan (AOT): the server needs no "
-                   "plugin library and no LD_PRELOAD." if sidecar["plugin"] == "aot" else
+                   "plugin library and no LD_PRELOAD." if sidecar.plugin == "aot" else
                    "The plan holds no plugin (KeypointPartPool ran as standard layers): the server "
                    "needs no plugin library.")
-    version_note = (f"Built with TensorRT {sidecar['tensorrt_version']} for {parameters['device_name']} "
+    version_note = (f"Built with TensorRT {sidecar.tensorrt_version} for {sidecar.device_name} "
                     f"(compute capability {capability}): serve it from a Triton release that carries "
-                    f"TensorRT {sidecar['tensorrt_version']} on the same GPU architecture; plans do not "
+                    f"TensorRT {sidecar.tensorrt_version} on the same GPU architecture; plans do not "
                     "move across TensorRT versions or architectures.")
-    return ModelDescription(path, "plan", output_specs(embed_dim), parameters,
-                            plan_max_batch=sidecar["build"]["max_batch"],
-                            plan_opt_batch=sidecar["build"]["opt_batch"], notes=[plugin_note, version_note])
+    return ModelDescription(path, "plan", output_specs(sidecar.embed_dim), parameters,
+                            plan_max_batch=sidecar.build["max_batch"],
+                            plan_opt_batch=sidecar.build["opt_batch"], notes=[plugin_note, version_note])
 
 
 def describe_model(path: Path) -> ModelDescription:
@@ -266,8 +232,7 @@ def write_repository(description: ModelDescription, repository: Path, options: R
     step(f"copying {description.path.name} to {model_file}")
     copy_file(description.path, model_file)
     if description.kind == "plan":
-        sidecar = description.path.with_name(description.path.name + ".json")
-        copy_file(sidecar, model_file.with_name(model_file.name + ".json"))
+        copy_file(sidecar_path(description.path), sidecar_path(model_file))
     write_bytes(model_dir / "warmup" / WARMUP_CROP_FILE, warmup_crop_size())
     write_bytes(model_dir / "config.pbtxt", text.encode("utf-8"))
     return model_dir

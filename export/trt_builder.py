@@ -27,7 +27,7 @@ from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes
 from keyreid.lazy import require
 from keyreid.runtime.engine_trt import cuda_call, device_facts
-from keyreid.runtime.plan_sidecar import PlanSidecar, file_sha256, sidecar_path, write_sidecar
+from keyreid.plan_sidecar import PlanSidecar, file_sha256, sidecar_path, write_sidecar
 
 MIN_TENSORRT_MAJOR = 10
 AOT_PLUGIN_MIN_VERSION = (10, 9)      # tensorrt.plugin with aot_impl

@@ -30,7 +30,7 @@ from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argu
 from keyreid.runtime.engines import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Engine, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips
-from keyreid.runtime.plan_sidecar import check_built_from, read_sidecar
+from keyreid.plan_sidecar import check_built_from, read_sidecar
 from keyreid.runtime.poses import PoseTally
 from keyreid.runtime.runner import DEFAULT_MAX_BATCH_SIZE
 from keyreid.runtime.tracklets import discover_tracklets

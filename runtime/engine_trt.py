@@ -7,7 +7,7 @@ and grow only when a larger batch arrives; pinned host memory, one stream, one s
 batch; every boolean TensorRT returns and every CUDA error code is checked. A batch is split at
 the optimisation profile's maximum and padded up to its minimum, so callers never see the profile.
 
-The plan's sidecar (``model.plan.json``, :mod:`keyreid.runtime.plan_sidecar`) is read on load: it
+The plan's sidecar (``model.plan.json``, :mod:`keyreid.plan_sidecar`) is read on load: it
 refuses a plan built for another GPU or TensorRT version and gives the camera range and the
 ONNX metadata. ``tensorrt`` and ``cuda.bindings`` are imported only when an engine is activated,
 so this module imports fine on machines without a GPU.
@@ -25,7 +25,7 @@ import numpy as np
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
-from keyreid.runtime.plan_sidecar import DeviceFacts, check_device, read_sidecar
+from keyreid.plan_sidecar import DeviceFacts, check_device, read_sidecar
 
 
 def _cudart():

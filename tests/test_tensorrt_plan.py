@@ -15,7 +15,7 @@ from keyreid.contract import INPUTS
 from keyreid.errors import KeyreidError
 from keyreid.runtime import compare
 from keyreid.runtime.engine_trt import free_all, pad_feed, split_batch
-from keyreid.runtime.plan_sidecar import (DeviceFacts, PlanSidecar, check_built_from, check_device, file_sha256,
+from keyreid.plan_sidecar import (DeviceFacts, PlanSidecar, check_built_from, check_device, file_sha256,
                                           read_sidecar, sidecar_path, write_sidecar)
 from keyreid.synthetic import realistic_keypoints, synthetic_frames
 

@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 PLUGIN_CHOICES = ("aot", "none")
 SIDECAR_SUFFIX = ".json"
 REBUILD = "rebuild this engine on this device"
+BATCH_KEYS = ("min_batch", "opt_batch", "max_batch")   # the optimisation profile
 # A sidecar is a few kilobytes; anything far bigger is not one.
 MAX_SIDECAR_BYTES = 1 << 20
 
@@ -77,6 +78,12 @@ class PlanSidecar:
         return None if value is None else int(value)
 
     @property
+    def embed_dim(self) -> Optional[int]:
+        """Model width D (the embedding has 25 D floats), from the ONNX metadata."""
+        value = self.onnx_metadata.get("embed_dim")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
     def heatmap_mode(self) -> Optional[str]:
         return self.onnx_metadata.get("heatmap_mode")
 
@@ -110,8 +117,12 @@ def _problems(content: Mapping[str, object]) -> List[str]:
         problems.append("'compute_capability' must be [major, minor]")
     if content.get("plugin") not in PLUGIN_CHOICES:
         problems.append(f"'plugin' must be one of {', '.join(PLUGIN_CHOICES)}")
-    if not isinstance(content.get("build"), dict):
+    build = content.get("build")
+    if not isinstance(build, dict):
         problems.append("'build' must be an object")
+    elif not all(isinstance(build.get(key), int) and build[key] >= 1 for key in BATCH_KEYS) \
+            or not build["min_batch"] <= build["opt_batch"] <= build["max_batch"]:
+        problems.append(f"'build' must give {', '.join(BATCH_KEYS)} as whole numbers, 1 <= min <= opt <= max")
     metadata = content.get("onnx_metadata")
     if not (isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())):
         problems.append("'onnx_metadata' must be an object of strings")
