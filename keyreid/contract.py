@@ -8,6 +8,8 @@ from typing import Literal, Optional, Tuple, get_args
 
 import numpy as np
 
+from keyreid.errors import KeyreidError
+
 CLIP_FRAMES = 4            # T: frames per clip
 IMAGE_HEIGHT = 256
 IMAGE_WIDTH = 128
@@ -62,6 +64,18 @@ def camera_problem(camera: int, num_cameras: Optional[int]) -> Optional[str]:
         return (f"camera {camera} is out of range: this model takes 0..{num_cameras - 1}, "
                 f"or {MEAN_CAMERA} for the mean camera")
     return None
+
+
+def checked_camera(value: object, num_cameras: Optional[int]) -> int:
+    """``value`` as a camera index for a model with ``num_cameras`` cameras; KeyreidError if it
+    is not one integer or is out of range (``camera_problem``)."""
+    array = np.asarray(value)
+    if array.shape != () or array.dtype.kind not in "iu":
+        raise KeyreidError(f"camera must be one integer, got {value!r}")
+    reason = camera_problem(int(array), num_cameras)
+    if reason:
+        raise KeyreidError(reason)
+    return int(array)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,20 @@ Public entry points, in data-flow order:
   (frames and ``.pose`` files) and the hook that decodes them on the runner's threads.
 - ``run_tracklets(runner, tracklets, pose_tally) -> TrackletRun``: tracklet features (the
   mean of their clips' embeddings) and the failures, in input order.
+- ``OnlineEncoder(engine)``: for an appliance's tracker, frame by frame; ``push`` crops and
+  keypoints per track, ``feature`` / ``finish`` give the track's feature (the same as a folder).
+- ``Gallery(dim)``: tracklet features with camera, time and label; top-k search by squared
+  Euclidean distance (exact NumPy, or FAISS), saved as one file.
 
-The command-line tools ``infer.py`` and ``compare.py`` are thin layers over these.
+The command-line tools ``infer.py``, ``compare.py`` and ``gallery.py`` are thin layers over these.
 """
 from keyreid.runtime.engines import Engine, open_engine
+from keyreid.runtime.gallery import Gallery
+from keyreid.runtime.online import OnlineEncoder
 from keyreid.runtime.pipeline import TrackletRun, clip_loader, run_tracklets
 from keyreid.runtime.poses import PoseTally
 from keyreid.runtime.runner import Runner
 from keyreid.runtime.tracklets import discover_tracklets
 
 __all__ = ["open_engine", "Engine", "Runner", "discover_tracklets", "clip_loader", "PoseTally",
-           "run_tracklets", "TrackletRun"]
+           "run_tracklets", "TrackletRun", "OnlineEncoder", "Gallery"]

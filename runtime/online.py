@@ -34,7 +34,7 @@ import numpy as np
 
 from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MAX_CLIPS_PER_TRACKLET, NUM_KEYPOINTS
 from keyreid.errors import KeyreidError
-from keyreid.contract import camera_problem
+from keyreid.contract import checked_camera
 from keyreid.runtime.engines import Engine
 from keyreid.runtime.images import resize_like_pil
 from keyreid.runtime.pipeline import describe_failure
@@ -172,15 +172,6 @@ class OnlineEncoder:
             raise KeyreidError("keypoints contain NaN or infinity; give 0 confidence for undetected joints")
         return array
 
-    def _check_camera(self, camera) -> int:
-        value = np.asarray(camera)
-        if value.shape != () or value.dtype.kind not in "iu":
-            raise KeyreidError(f"camera must be one integer, got {camera!r}")
-        reason = camera_problem(int(value), self._num_cameras)
-        if reason:
-            raise KeyreidError(reason)
-        return int(value)
-
     # --- pushing frames -----------------------------------------------------------------
     def push(self, track_id: Hashable, frame: np.ndarray, keypoints: Optional[np.ndarray], camera: int,
              timestamp: Optional[float] = None) -> None:
@@ -198,7 +189,7 @@ class OnlineEncoder:
         """
         model_frame, crop_size = self._model_frame(frame)
         joints = self._keypoints(keypoints)
-        camera = self._check_camera(camera)
+        camera = checked_camera(camera, self._num_cameras)
         timestamp = time.time() if timestamp is None else float(timestamp)
         with self._lock:
             track = self._checked_track(track_id, camera)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from keyreid.contract import INPUT_NAMES, camera_problem, stack_clips
+from keyreid.contract import INPUT_NAMES, checked_camera, stack_clips
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import Engine
 
@@ -282,7 +282,7 @@ class Runner:
         for name, shape in self._clip_shapes.items():
             value, dtype = clip[name], self._clip_dtypes[name]
             if name == "camera":
-                arrays[name] = np.int64(self._validate_camera(value))
+                arrays[name] = np.int64(checked_camera(value, self._num_cameras))
                 continue
             array = np.asarray(value)
             if dtype.kind == "f" and array.dtype.kind in "fiu":
@@ -293,15 +293,6 @@ class Runner:
                 raise KeyreidError(f"clip {name} has shape {list(array.shape)}; expected {list(shape)}")
             arrays[name] = array
         return arrays
-
-    def _validate_camera(self, value: Any) -> int:
-        array = np.asarray(value)
-        if array.shape != () or array.dtype.kind not in "iu":
-            raise KeyreidError(f"clip camera must be one integer, got {value!r}")
-        reason = camera_problem(int(array), self._num_cameras)
-        if reason:
-            raise KeyreidError(reason)
-        return int(array)
 
     # --- settling requests --------------------------------------------------------------
     def _fail(self, request: _Request, exception: BaseException) -> None:

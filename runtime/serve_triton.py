@@ -8,7 +8,9 @@ binary with its Python backend only. Here that server runs the keyreid engine in
 through PyTriton's Python binding: the server does the protocol (gRPC and HTTP/REST, KServe v2)
 and the dynamic batching of requests from many clients, and hands each batch to the engine.
 Clients reach it exactly as they reach a Triton container serving the repository that
-``export/to_triton.py`` writes: ``infer.py --engine grpc://HOST:8001/keyreid``.
+``export/to_triton.py`` writes: ``infer.py --engine grpc://HOST:8001/keyreid``. PyTriton publishes
+no model parameters, so clients of this server do not learn the camera count from it: they
+give ``--num-cameras C`` (or use camera -1), as for any engine that does not record it.
 
 The bundled server supports Linux x86_64 and aarch64 with glibc 2.35 or newer and CPython
 3.8-3.13. Its Python backend links against ``libpython3.X.so``; the server is started with this

@@ -1,4 +1,4 @@
-"""The README's "Embedding keyreid in an appliance" example runs as written, without torch."""
+"""The README's appliance example runs as written, without torch."""
 import os
 import re
 import subprocess
@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Embedding keyreid in an appliance"
+SECTION = "### An appliance: tracks in, identities out"
 
 
 def appliance_example() -> str:

@@ -26,7 +26,7 @@ from keyreid.export.triton_repository import parse_config, validate_config
 from keyreid.runtime import compare, infer
 from keyreid.runtime.engine_triton import TritonLocation
 from keyreid.runtime.engines import open_engine
-from keyreid.synthetic import realistic_keypoints, synthetic_frames
+from keyreid.synthetic import realistic_keypoints, synthetic_feed, synthetic_frames
 from keyreid.triton import parameters_from_config
 
 grpc_client = pytest.importorskip("tritonclient.grpc")
@@ -212,7 +212,11 @@ def tracklets(tmp_path_factory):
 def test_infer_through_triton_grpc_equals_the_local_onnx_engine(server, reduced_onnx, tracklets, tmp_path):
     local, remote = tmp_path / "local.npz", tmp_path / "remote.npz"
     assert run_tool(infer, "--engine", reduced_onnx, "--tracklets", tracklets, "--output", local, "-q") == 0
-    assert run_tool(infer, "--engine", server["grpc"], "--tracklets", tracklets, "--output", remote, "-q") == 0
+    # A model served through PyTriton publishes no parameters, so its camera count is given.
+    with open_engine(reduced_onnx) as engine:
+        cameras = str(engine.num_cameras)
+    assert run_tool(infer, "--engine", server["grpc"], "--num-cameras", cameras, "--tracklets", tracklets,
+                    "--output", remote, "-q") == 0
     local, remote = np.load(local), np.load(remote)
     np.testing.assert_array_equal(remote["tracklets"], local["tracklets"])
     relative = np.abs(remote["embeddings"] - local["embeddings"]).max() / np.abs(local["embeddings"]).max()
@@ -235,16 +239,15 @@ def test_engine_checks_the_served_model_against_the_contract_on_connect(server):
 
 
 def test_concurrent_single_clip_requests_share_server_side_batches(server, reduced_onnx):
-    from keyreid.export.verify import sample_inputs
-
-    feed = sample_inputs(num_cameras=6, num_clips=SERVER_MAX_BATCH, seed=3)
     with open_engine(reduced_onnx) as local:
+        num_cameras = local.num_cameras
+        feed = synthetic_feed(SERVER_MAX_BATCH, num_cameras, seed=3)
         expected = local.infer(feed)
     client = grpc_client.InferenceServerClient(server["grpc_server"])
     token = {"triton-grpc-protocol-triton-access-token": ACCESS_TOKEN}
     before = client.get_inference_statistics("keyreid", headers=token, as_json=True)["model_stats"][0]
     results = [None] * SERVER_MAX_BATCH
-    with open_engine(server["grpc"]) as engine:
+    with open_engine(server["grpc"], num_cameras=num_cameras) as engine:
         def request(index):
             results[index] = engine.infer({name: value[index:index + 1] for name, value in feed.items()})
         threads = [threading.Thread(target=request, args=(index,)) for index in range(SERVER_MAX_BATCH)]
