@@ -37,7 +37,7 @@ exit status: 0 built; 1 bad input, no TensorRT or GPU, or a failed build (nothin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from keyreid.runtime.cli_args import positive_int
+    from keyreid.cli import positive_int
 
     parser = argparse.ArgumentParser(prog="to_tensorrt.py", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,9 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from keyreid.cli import Steps, run_main
+from keyreid.cli import Steps, non_negative_int, positive_int, run_main
 from keyreid.errors import KeyreidError
-from keyreid.runtime.cli_args import positive_int
 from keyreid.triton import DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_QUEUE_DELAY_US
 
 DESCRIPTION = """\
@@ -35,16 +34,6 @@ exit status: 0 written; 1 bad input (nothing written)."""
 
 # Triton model names become folder names and URL path segments.
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
 
 
 def model_name(text: str) -> str:

@@ -1,10 +1,12 @@
-"""What every command-line tool shares: one-line errors, exit codes, timed progress steps.
+"""What every command-line tool shares: one-line errors, exit codes, timed progress steps,
+argument types.
 
 A KeyreidError (bad input) becomes ``error: <sentence>`` on stderr and exit code 1; anything
 else is a bug and keeps its traceback. SIGTERM is handled like Ctrl-C: it raises ``Terminated``
 (a KeyboardInterrupt) in the main thread, so ``finally`` blocks and context managers run (a
 Runner cancels its queued clips, a half-written file is removed) before the exit.
 """
+import argparse
 import logging
 import signal
 import sys
@@ -74,3 +76,39 @@ def quiet_third_party_logs() -> None:
         pass
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --- argument types every command-line tool shares (argparse ``type=``) -------------------------
+def _whole_number(text: str, minimum: int, rule: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1, "must be at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _whole_number(text, 0, "must not be negative")
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0")
+    return value

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Union
 
+from keyreid.cli import non_negative_float, positive_float, positive_int
 from keyreid.errors import KeyreidError
 from keyreid.runtime.engines import ONNX_SUFFIXES
 from keyreid.triton import is_triton_url
@@ -27,36 +28,9 @@ DEFAULT_QUEUE_SIZE = 8
 DEFAULT_WORKERS = 4
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
-
-
 def engine_location(text: str) -> Union[str, Path]:
     """An engine file as a Path, a Triton server address kept as the string it is."""
     return text if is_triton_url(text) else Path(text)
-
-
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be above 0")
-    return value
 
 
 def parse_providers(text: str) -> List[str]:

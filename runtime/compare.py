@@ -20,13 +20,12 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from keyreid.cli import run_main
+from keyreid.cli import positive_int, run_main
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import camera_problem, stack_clips
 from keyreid.errors import KeyreidError
 from keyreid.reference_results import read_reference_results
-from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, engine_location, engine_options,
-                                      positive_int)
+from keyreid.runtime.cli_args import add_engine_arguments, add_frame_limit_argument, engine_location, engine_options
 from keyreid.runtime.engines import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Engine, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips

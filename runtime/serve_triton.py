@@ -34,7 +34,8 @@ import numpy as np
 from keyreid.cli import run_main
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.cli_args import add_engine_arguments, engine_options, positive_int
+from keyreid.cli import positive_int
+from keyreid.runtime.cli_args import add_engine_arguments, engine_options
 from keyreid.runtime.engines import Engine, open_engine
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS, DEFAULT_QUEUE_DELAY_US,
                             preferred_batch_sizes, wire_dims)
