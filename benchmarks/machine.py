@@ -30,41 +30,47 @@ def banner(info: dict) -> str:
             f"per engine; python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}")
 
 
-def gemm_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict:
-    """This machine's matrix-product limits, measured the way the engines run: ONNX Runtime's
-    CPU provider with ``threads`` threads, square ``size`` matrices, median of ``repeats``.
+def gemm_session(precision: str, threads: int, size: int):
+    """(session, feed): one square matrix product the way the engines run it, in ONNX Runtime.
 
-    fp32: MatMul on float32. int8: MatMulInteger on uint8 x int8 (what dynamic quantisation
-    runs), in operations (2 per multiply-add) so both rates share a unit.
+    fp32: MatMul on float32. int8: MatMulInteger on uint8 x int8, what dynamic quantisation runs.
     """
-    import statistics
-    import time
-
     import numpy as np
     from onnx import TensorProto, helper
 
     from model_speed import onnxruntime_session
 
     rng = np.random.default_rng(0)
-    cases = {"fp32": ("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT,
-                      rng.standard_normal((size, size), np.float32), rng.standard_normal((size, size), np.float32)),
-             "int8": ("MatMulInteger", TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32,
-                      rng.integers(0, 256, (size, size), dtype=np.uint8),
-                      rng.integers(-127, 128, (size, size), dtype=np.int8))}
+    if precision == "fp32":
+        op, types = "MatMul", (TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT)
+        feed = {"a": rng.standard_normal((size, size), np.float32), "b": rng.standard_normal((size, size), np.float32)}
+    else:
+        op, types = "MatMulInteger", (TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32)
+        feed = {"a": rng.integers(0, 256, (size, size), dtype=np.uint8),
+                "b": rng.integers(-127, 128, (size, size), dtype=np.int8)}
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["c"])], f"gemm_{precision}",
+                              [helper.make_tensor_value_info("a", types[0], [size, size]),
+                               helper.make_tensor_value_info("b", types[1], [size, size])],
+                              [helper.make_tensor_value_info("c", types[2], [size, size])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnxruntime_session(model.SerializeToString(), threads), feed
+
+
+def gemm_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict:
+    """This machine's matrix-product limits with ``threads`` threads: median of ``repeats``
+    products of square ``size`` matrices, in operations per second (2 per multiply-add) for
+    both fp32 and int8 so the two share a unit."""
+    import statistics
+    import time
+
     rates = {"size": size, "threads": threads}
-    for name, (op, a_type, b_type, out_type, a, b) in cases.items():
-        graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["c"])], f"gemm_{name}",
-                                  [helper.make_tensor_value_info("a", a_type, [size, size]),
-                                   helper.make_tensor_value_info("b", b_type, [size, size])],
-                                  [helper.make_tensor_value_info("c", out_type, [size, size])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        session = onnxruntime_session(model.SerializeToString(), threads)
-        feed = {"a": a, "b": b}
+    for precision in ("fp32", "int8"):
+        session, feed = gemm_session(precision, threads, size)
         session.run(None, feed)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             session.run(None, feed)
             times.append(time.perf_counter() - start)
-        rates[f"{name}_ops_per_s"] = 2 * size ** 3 / statistics.median(times)
+        rates[f"{precision}_ops_per_s"] = 2 * size ** 3 / statistics.median(times)
     return rates

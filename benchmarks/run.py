@@ -174,6 +174,11 @@ def measure_part_weight_op(feeds: dict, threads: int, heatmap_mode: str, repeats
     return results
 
 
+def limit_line(rates: dict) -> str:
+    return (f"fp32 GEMM {rates['fp32_ops_per_s'] / 1e9:.0f} GFLOP/s, int8 GEMM {rates['int8_ops_per_s'] / 1e9:.0f} GOP/s "
+            f"({rates['size']}^2 matrices, ONNX Runtime, {rates['threads']} threads)")
+
+
 def annotate(engines: dict, arithmetic: dict, limits: dict) -> None:
     """Add ratio to the reference, achieved rate and fraction of the limit, in place."""
     for name, result in engines.items():
@@ -211,12 +216,19 @@ def main(argv=None) -> int:
     from keyreid.export.checkpoint import load_checkpoint
     from keyreid.export.config import REDUCED, VIT_B
     from keyreid.export.random_checkpoint import write_random_checkpoint
-    from keyreid.files import write_json
+    from keyreid.errors import KeyreidError
+    from keyreid.files import check_writable, write_json
     from plot import draw_speed_figure
 
     model_name = "reduced" if args.reduced else "vit_b"
     json_path = args.json or RESULTS / f"{model_name}.json"
     plot_path = args.plot or RESULTS / f"{model_name}.png"
+    for path in (json_path, plot_path):     # fail now, not after ten minutes of measuring
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeyreidError(f"cannot create {path.parent} for the results: {exc.strerror or exc}") from exc
+        check_writable(path, "results")
     info = describe(args.threads)
     print(banner(info))
     precisions = ["fp32", "int8"] + (["fp16"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
@@ -234,9 +246,8 @@ def main(argv=None) -> int:
         onnx_paths = export_models(checkpoint, mode, workdir, checkpoint_path.stem, precisions)
         print("counting the arithmetic of one clip and measuring this machine's GEMM rates", flush=True)
         arithmetic = count_arithmetic(checkpoint, mode, onnx_paths)
-        limits = gemm_rates(args.threads)
-        print(f"limits: fp32 GEMM {limits['fp32_ops_per_s'] / 1e9:.0f} GFLOP/s, int8 GEMM "
-              f"{limits['int8_ops_per_s'] / 1e9:.0f} GOP/s ({limits['size']}^2 matrices, ONNX Runtime)", flush=True)
+        limits = [gemm_rates(args.threads)]
+        print(f"limits: {limit_line(limits[0])}", flush=True)
 
         feeds = {batch: sample_feed(batch, checkpoint.config.num_cameras) for batch in args.batch_sizes}
         factories = {"reference": lambda: reference_runner(checkpoint, args.threads, mode),
@@ -255,7 +266,13 @@ def main(argv=None) -> int:
                 engines[name] = {"batches": {RUNNER_MAX_BATCH: {"clips_per_s": result.pop("clips_per_s")}},
                                  **result}
         part_weight_op = measure_part_weight_op(feeds, args.threads, mode, args.repeats, args.budget)
-    annotate(engines, arithmetic, limits)
+    limits.append(gemm_rates(args.threads))
+    print(f"limits, measured again: {limit_line(limits[1])}")
+    # The limit is the fastest the machine was seen to multiply: on a shared machine a single
+    # measurement can land in a busy moment and make every engine look faster than its limit.
+    limit = {key: max(entry[key] for entry in limits) for key in ("fp32_ops_per_s", "int8_ops_per_s")}
+    limit.update(size=limits[0]["size"], threads=args.threads, measurements=limits)
+    annotate(engines, arithmetic, limit)
 
     print()
     print(table(engines))
@@ -267,7 +284,7 @@ def main(argv=None) -> int:
     print("part-weight op alone, clips/s: " + "; ".join(
         f"{name} " + "/".join(f"{entry[batch]['clips_per_s']:.0f}" for batch in args.batch_sizes)
         for name, entry in part_weight_op.items()) + f" (batch {'/'.join(map(str, args.batch_sizes))})")
-    payload = {"machine": info, "limits": limits, "checkpoint": str(checkpoint_path),
+    payload = {"machine": info, "limits": limit, "checkpoint": str(checkpoint_path),
                "embed_dim": checkpoint.config.embed_dim, "heatmap_mode": mode, "batch_sizes": args.batch_sizes,
                "repeats": args.repeats, "budget_s": args.budget, "engines": engines, "accuracy": agreement,
                "part_weight_op": part_weight_op}
