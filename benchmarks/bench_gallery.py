@@ -13,7 +13,6 @@ Memory is what the search needs: the features themselves for NumPy, the index (i
 of the features plus cells or graph links) for FAISS; the process's peak is printed at the end. Recall@10 is the share of the exact top 10 an index returns.
 """
 import argparse
-import json
 import resource
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
 from machine import cpu_model  # noqa: E402
 
+from keyreid.files import write_json  # noqa: E402
 from keyreid.runtime.gallery import Gallery  # noqa: E402
 from keyreid.runtime.gallery_index import BACKENDS  # noqa: E402
 
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     print(table(results))
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

@@ -16,7 +16,6 @@ the push latency (p50/p95/max: ``push`` should return at once) and the most fram
 held. Without ``--engine`` the engine is a random reduced-width ONNX made by the export CLIs.
 """
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -33,6 +32,7 @@ sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 from bench_runner import export_reduced_engine, interleaved_median_seconds  # noqa: E402
 from machine import banner, describe  # noqa: E402
 
+from keyreid.files import write_json  # noqa: E402
 from keyreid.runtime.engines import open_engine  # noqa: E402
 from keyreid.runtime.images import resize_like_pil  # noqa: E402
 from keyreid.runtime.online import OnlineEncoder  # noqa: E402
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     print(f"  push latency ms: {results['push_ms']}; most frames held {results['most_buffered_frames']}; "
           f"online vs tracklets max relative difference {results['online_vs_tracklets_max_relative_difference']:.1e}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return 0
 
 

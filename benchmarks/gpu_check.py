@@ -269,7 +269,7 @@ def time_models(torch, checkpoint, mode: str, device, repeats: int) -> dict:
     from keyreid.export.checkpoint import load_reference_model
     from keyreid.export.onnx_export import build_deploy_model
     from keyreid.export.reference_model import normalize_frames
-    from keyreid.export.verify import sample_inputs
+    from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
     from keyreid.kernels.torch_op import part_weights_torch
 
     reference = load_reference_model(checkpoint).to(device).eval()
@@ -285,7 +285,7 @@ def time_models(torch, checkpoint, mode: str, device, repeats: int) -> dict:
 
     clips_per_second, parity = {}, {}
     for batch in MODEL_BATCHES:
-        inputs = sample_inputs(checkpoint.config.num_cameras, batch)
+        inputs = synthetic_feed(batch, checkpoint.config.num_cameras, crop_sizes=[MARS_CROP_SIZE])
         feed = {name: torch.from_numpy(value).to(device) for name, value in inputs.items()}
         for precision in ("fp32", "bf16"):
             for name, run in (("reference", run_reference), ("deploy", run_deploy)):

@@ -1,30 +1,52 @@
-"""Clips per second of the reference model and the exported ONNX models, side by side.
+"""The engines and the timing rules shared by ``run.py`` and the pytest-benchmark files.
 
-Same machine, same thread count, same inputs, one run: the reference (torch, eager, SPEC
-section 2 literally) against the fp32 and int8 ONNX files in ONNX Runtime's CPU provider.
-Each measurement warms up once, then takes the median of ``repeats`` timed calls; export,
-session creation and input generation are outside the timing.
+Engines (each a callable feed -> {"embedding", "part_weights"} on the same contract inputs):
+the reference (torch, eager, SPEC section 2 literally), the torch deploy model (the restructured
+graph before export), and ONNX files in ONNX Runtime. Part-weight op implementations (feed ->
+W): the NumPy reference, the vectorised torch op and the ONNX function in ONNX Runtime.
+
+Timing: one warm-up call, then timed calls until ``repeats`` are done or ``budget_s`` has passed
+(at least one). A call slower than the whole budget is measured once, its warm-up counted: on
+a reference pass of a minute, first-call set-up is noise. Building, exporting, session creation
+and input generation are never timed.
 """
-import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+Feed = Dict[str, np.ndarray]
 
 
-def median_seconds(call: Callable[[], object], repeats: int) -> float:
-    call()  # warm-up: first-run allocations and lazy initialisation stay out of the numbers
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def sample_feed(batch: int, num_cameras: int, seed: int = 0) -> dict:
+def sample_feed(batch: int, num_cameras: int, seed: int = 0) -> Feed:
     from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
     return synthetic_feed(batch, num_cameras, seed, crop_sizes=[MARS_CROP_SIZE])
 
+
+def timed_calls(call: Callable[[], object], repeats: int, budget_s: float) -> List[float]:
+    """Seconds of each timed call (see the module docstring for the rule)."""
+    start = time.perf_counter()
+    call()
+    warm_up = time.perf_counter() - start
+    if warm_up > budget_s:
+        return [warm_up]
+    times: List[float] = []
+    began = time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - began < budget_s):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarise(batch: int, times: Sequence[float]) -> dict:
+    seconds = np.asarray(times)
+    return {"clips_per_s": batch / float(np.median(seconds)), "p50_ms": float(np.percentile(seconds, 50) * 1e3),
+            "p95_ms": float(np.percentile(seconds, 95) * 1e3), "calls": len(times)}
+
+
+# ----------------------------------------------------------------------------- model engines
 
 def reference_runner(checkpoint, threads: int, heatmap_mode: str):
     import torch
@@ -36,34 +58,96 @@ def reference_runner(checkpoint, threads: int, heatmap_mode: str):
     return lambda feed: reference_results(model, feed, heatmap_mode)
 
 
-def onnxruntime_runner(onnx_path: Path, threads: int):
+def deploy_runner(checkpoint, threads: int, heatmap_mode: str):
+    """The restructured torch graph that the ONNX file is exported from, run eagerly."""
+    import torch
+    from keyreid.export.onnx_export import build_deploy_model
+
+    torch.set_num_threads(threads)
+    model = build_deploy_model(checkpoint, heatmap_mode)
+
+    def run(feed: Feed) -> Feed:
+        with torch.no_grad():
+            embedding, part_weights = model(*(torch.from_numpy(feed[name]) for name in
+                                              ("frames", "keypoints", "crop_size", "camera")))
+        return {"embedding": embedding.numpy(), "part_weights": part_weights.numpy()}
+    return run
+
+
+def onnxruntime_session(model, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    """``model``: a path or serialised bytes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    return lambda feed: session.run(None, feed)
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=list(providers))
 
 
-def measure(runners: Dict[str, Callable[[dict], object]], batch_sizes: Sequence[int],
-            num_cameras: int, repeats: int, progress=print) -> Dict[str, Dict[int, float]]:
-    """{engine name: {batch size: clips per second}}."""
-    results: Dict[str, Dict[int, float]] = {name: {} for name in runners}
-    for batch in batch_sizes:
-        feed = sample_feed(batch, num_cameras)
-        for name, run in runners.items():
-            seconds = median_seconds(lambda: run(feed), repeats)
-            results[name][batch] = batch / seconds
-            progress(f"  {name:<12} batch {batch:>3}: {batch / seconds:8.3f} clips/s ({seconds:.3f} s per call)")
-    return results
+def onnxruntime_runner(onnx_path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    session = onnxruntime_session(onnx_path, threads, providers)
+    names = [output.name for output in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(None, feed)))
 
 
-def ratio_table(results: Dict[str, Dict[int, float]], baseline: str = "reference") -> str:
-    batches = sorted(next(iter(results.values())))
-    header = f"{'engine':<12}" + "".join(f"{f'batch {b} clips/s':>20}{'vs ref':>8}" for b in batches)
-    lines = [header, "-" * len(header)]
-    for name, by_batch in results.items():
-        cells = "".join(f"{by_batch[b]:>20.3f}{by_batch[b] / results[baseline][b]:>7.2f}x" for b in batches)
-        lines.append(f"{name:<12}{cells}")
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------- the part-weight op
+
+def part_weight_runners(threads: int, heatmap_mode: str) -> Dict[str, Callable[[Feed], np.ndarray]]:
+    """The op alone: NumPy reference, vectorised torch (whole batch) and the ONNX function."""
+    import torch
+    from keyreid.kernels.onnx_function import make_part_pool_model
+    from keyreid.kernels.reference import part_weights_reference
+    from keyreid.kernels.torch_op import part_weights_torch
+
+    torch.set_num_threads(threads)
+    session = onnxruntime_session(make_part_pool_model(heatmap_mode).SerializeToString(), threads)
+
+    def torch_op(feed: Feed) -> np.ndarray:
+        with torch.no_grad():
+            return part_weights_torch(torch.from_numpy(feed["keypoints"]), torch.from_numpy(feed["crop_size"]),
+                                      heatmap_mode).numpy()
+    return {"numpy reference": lambda feed: part_weights_reference(feed["keypoints"], feed["crop_size"], heatmap_mode),
+            "torch (vectorised)": torch_op,
+            "onnx function (ORT)": lambda feed: session.run(None, {"keypoints": feed["keypoints"],
+                                                                  "crop_size": feed["crop_size"]})[0]}
+
+
+# ----------------------------------------------------------------------------- memory
+
+class PeakMemory:
+    """Peak resident memory added while the block runs (Linux: VmHWM, reset through clear_refs).
+
+    ``added_mib`` is the process's peak during the block minus its resident size at the start,
+    so an engine built and measured inside the block is charged for its weights and buffers.
+    None where /proc does not allow it.
+    """
+
+    def __init__(self):
+        self.added_mib: Optional[float] = None
+
+    @staticmethod
+    def _status_mib(field: str) -> Optional[float]:
+        try:
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self) -> "PeakMemory":
+        self.start = self._status_mib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")     # resets VmHWM to the current resident size
+            self.can_reset = True
+        except OSError:
+            self.can_reset = False
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        peak = self._status_mib("VmHWM")
+        if self.can_reset and peak is not None and self.start is not None:
+            self.added_mib = peak - self.start

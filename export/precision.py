@@ -4,8 +4,9 @@ fp16: matmul weights are stored in fp16 and every MatMul runs on fp16 inputs, wi
 it; LayerNorm, softmax, residual adds, the part-weight op and the outputs stay fp32. The types are
 in the graph, so a strongly typed TensorRT build runs fp16 matmuls without builder flags.
 
-int8: ONNX Runtime dynamic quantisation of the backbone's MatMul weights (per channel, reduced
-range for CPUs without VNNI), for CPUs. The custom node and its function body are left as they are.
+int8: ONNX Runtime dynamic quantisation (per-channel int8 weights, activations quantised at run
+time) of every MatMul with a constant 2-D weight except the patch embedding, for CPUs. The custom
+node and its function body are left as they are.
 """
 import tempfile
 from pathlib import Path
@@ -76,17 +77,26 @@ def to_fp16(model):
     return model
 
 
-def backbone_matmuls(model) -> list:
-    """Names of the MatMuls inside the backbone blocks, from the exporter's module-path metadata.
+# Weights kept in fp32 by measurement (benchmarks/RESULTS.md section 2): a group of products stays
+# fp32 when quantising it alone costs more than 1e-4 of embedding cosine on ViT-B. Only the patch
+# embedding does (5.8e-4: its error runs through all eleven blocks; 0.7% of the arithmetic); the
+# [CLS] branches cost 0 to 3e-5. benchmarks/int8_accuracy.py checks the result on six checkpoints.
+FP32_WEIGHTS = ("patch_weight",)
 
-    They hold ~93% of the arithmetic; the CLS-only branches are small and sensitive (their
-    per-head weight stacks are 3-D, which ORT's per-channel quantiser does not take), so they
-    stay fp32.
+
+def quantisable_matmuls(model) -> list:
+    """Names of the MatMul / Gemm nodes whose weight is a 2-D constant, bar ``FP32_WEIGHTS``.
+
+    The backbone blocks hold ~90% of the arithmetic; the [CLS]-only branches' 2-D products
+    (query, output projection, MLP) are also quantised; the per-head 3-D weight stacks and the
+    activation x activation products (attention) stay fp32.
     """
+    matrices = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     names = []
     for node in model.graph.node:
-        scope = next((entry.value for entry in node.metadata_props if entry.key == "namespace"), "")
-        if node.op_type == "MatMul" and "/blocks." in scope:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        if node.input[1] in matrices and node.input[1] not in FP32_WEIGHTS:
             names.append(node.name)
     return names
 
@@ -96,16 +106,18 @@ def to_int8(model):
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
     functions = list(model.functions)
-    backbone = backbone_matmuls(model)
-    if not backbone:
-        raise KeyreidError("int8 quantisation found no backbone MatMul to quantise (exporter changed?)")
+    targets = quantisable_matmuls(model)
+    if not targets:
+        raise KeyreidError("int8 quantisation found no MatMul with a constant weight (exporter changed?)")
     with tempfile.TemporaryDirectory() as scratch:
         source, target = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         onnx.save_model(model, str(source))
         try:
+            # reduce_range (7-bit weights) only avoids overflow on CPUs without VNNI; full 8 bits
+            # halve the weight error (embedding cosine 0.9990 -> 0.9997 on ViT-B).
             quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                          op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                                          nodes_to_quantize=backbone,
+                                          op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                                          reduce_range=False, nodes_to_quantize=targets,
                                           # attention's activation x activation products stay fp32
                                           extra_options={"MatMulConstBOnly": True})
         except Exception as exc:  # the quantiser raises bare exceptions on graphs it cannot handle

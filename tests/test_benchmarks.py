@@ -1,0 +1,73 @@
+"""The benchmark suite runs, and its FLOP counter agrees with an independent count.
+
+Speed itself is never asserted here: benchmarks/ measures, tests only check that it can.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from flops import count_model, count_torch  # noqa: E402
+
+from keyreid.export.checkpoint import load_checkpoint  # noqa: E402
+from keyreid.export.onnx_export import build_deploy_model  # noqa: E402
+from keyreid.export.precision import to_int8  # noqa: E402
+from keyreid.export.verify import sample_inputs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reduced_fp32_model(reduced_onnx):
+    return onnx.load(str(reduced_onnx))
+
+
+@pytest.mark.parametrize("clips", [1, 3])
+def test_onnx_flop_count_matches_torch_count_of_the_deploy_model(reduced_checkpoint, reduced_fp32_model, clips):
+    """Walking the exported graph and torch's FlopCounterMode on the model it came from agree."""
+    feed = sample_inputs(6, clips)
+    model = build_deploy_model(load_checkpoint(reduced_checkpoint), "max")
+    expected = count_torch(model, *(torch.from_numpy(feed[name]) for name in
+                                    ("frames", "keypoints", "crop_size", "camera")))
+    counted = count_model(reduced_fp32_model, clips)
+    assert counted["int8_macs"] == 0
+    assert counted["fp32_flops"] == expected
+
+
+def test_int8_count_moves_products_to_int8_without_changing_them(reduced_fp32_model):
+    fp32 = count_model(reduced_fp32_model)
+    int8 = count_model(to_int8(reduced_fp32_model))
+    assert int8["int8_macs"] > 0
+    assert int8["fp32_flops"] + 2 * int8["int8_macs"] == fp32["fp32_flops"]
+
+
+def test_run_script_measures_every_engine_and_writes_json_and_figure(reduced_checkpoint, tmp_path, capsys):
+    import cv2
+    from run import main
+
+    json_path, plot_path = tmp_path / "out" / "speed.json", tmp_path / "out" / "speed.png"
+    assert main(["--checkpoint", str(reduced_checkpoint), "--batch-sizes", "1", "2", "--repeats", "1",
+                 "--budget", "0", "--workdir", str(tmp_path / "work"), "--json", str(json_path),
+                 "--plot", str(plot_path)]) == 0
+    printed = capsys.readouterr().out
+    payload = json.loads(json_path.read_text())
+    engines = payload["engines"]
+    assert list(engines) == ["reference", "torch deploy", "onnx fp32", "onnx int8", "runner (fp32)",
+                             "runner (int8)"]
+    for name, result in engines.items():
+        assert name in printed
+        for entry in result["batches"].values():
+            assert entry["clips_per_s"] > 0 and 0 < entry["fraction_of_limit"]
+    assert set(engines["onnx fp32"]["batches"]) == {"1", "2"}
+    assert engines["onnx fp32"]["arithmetic_per_clip"]["fp32_flops"] == \
+        engines["torch deploy"]["arithmetic_per_clip"]["fp32_flops"]
+    assert payload["limits"]["fp32_ops_per_s"] > 0 and payload["limits"]["int8_ops_per_s"] > 0
+    assert payload["accuracy"]["onnx fp32"]["min_cosine_vs_reference"] > 0.9999
+    assert set(payload["part_weight_op"]) == {"numpy reference", "torch (vectorised)", "onnx function (ORT)"}
+    figure = cv2.imread(str(plot_path))
+    assert figure is not None and figure.shape[2] == 3 and np.ptp(figure) > 0
