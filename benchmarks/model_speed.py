@@ -86,9 +86,12 @@ def onnxruntime_session(model, threads: int, providers: Sequence[str] = ("CPUExe
 
 
 def onnxruntime_runner(onnx_path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)):
-    session = onnxruntime_session(onnx_path, threads, providers)
-    names = [output.name for output in session.get_outputs()]
-    return lambda feed: dict(zip(names, session.run(None, feed)))
+    """The runtime's ONNX Runtime engine as a user gets it: contract checks on every feed, and on
+    the CPU provider a batch run in pieces of ``CPU_CLIPS_PER_RUN`` clips."""
+    from keyreid.runtime.engine_ort import OrtEngine
+
+    engine = OrtEngine(onnx_path, providers=list(providers), intra_op_threads=threads, inter_op_threads=1)
+    return engine.activate().infer
 
 
 # ----------------------------------------------------------------------------- the part-weight op

@@ -27,6 +27,12 @@ _ORT_DTYPES = {
 # A provider is a name, or (name, provider options) as onnxruntime accepts it.
 Provider = Union[str, Tuple[str, dict]]
 
+# On a CPU, a batch runs as consecutive runs of this many clips. Per clip, one clip per run
+# measured fastest for ViT-B (benchmarks/RESULTS.md, 2-core Intel Xeon: int8 12.6 clips/s at
+# batch 1 against 9.8 at batch 8; fp32 3.55 against 3.47 at 8 and 3.23 at 32): a larger batch's
+# activations no longer fit in cache. GPU providers run whole batches, which is where they gain.
+CPU_CLIPS_PER_RUN = 1
+
 
 def choose_providers(available: Sequence[str], requested: Optional[Sequence[Provider]] = None) -> list:
     """Providers to hand to onnxruntime: ``requested`` as given (each must be available), or
@@ -55,7 +61,8 @@ class OrtEngine(Engine):
 
     def __init__(self, path: "str | Path", *, providers: Optional[Sequence[Provider]] = None,
                  intra_op_threads: Optional[int] = None, inter_op_threads: Optional[int] = None,
-                 max_batch: Optional[int] = None, num_cameras: Optional[int] = None):
+                 max_batch: Optional[int] = None, num_cameras: Optional[int] = None,
+                 clips_per_run: Optional[int] = None):
         """
         Args:
             path: the ``.onnx`` file.
@@ -65,10 +72,17 @@ class OrtEngine(Engine):
             inter_op_threads: threads across operators; None lets onnxruntime decide.
             max_batch: most clips per call; None for no limit (the model's batch is dynamic).
             num_cameras: overrides the model's ``num_cameras`` metadata.
+            clips_per_run: clips per ``session.run``; a bigger batch runs in pieces of this
+                size. None: CPU_CLIPS_PER_RUN when the session runs on the CPU provider alone,
+                else whole batches.
         """
         super().__init__(path, num_cameras=num_cameras)
         if max_batch is not None and max_batch < 1:
             raise KeyreidError(f"max_batch must be at least 1, got {max_batch}")
+        if clips_per_run is not None and clips_per_run < 1:
+            raise KeyreidError(f"clips_per_run must be at least 1, got {clips_per_run}")
+        self._requested_clips_per_run = clips_per_run
+        self._clips_per_run: Optional[int] = None      # None: whole batches
         self._requested_providers = None if providers is None else list(providers)
         self._intra_op_threads = intra_op_threads
         self._inter_op_threads = inter_op_threads
@@ -82,6 +96,12 @@ class OrtEngine(Engine):
         if self._session is None:
             raise KeyreidError(f"{self.path}: engine is not active")
         return self._session.get_providers()
+
+    @property
+    def clips_per_run(self) -> Optional[int]:
+        """Clips per ``session.run`` of the active session; None when batches run whole."""
+        self._active_info()
+        return self._clips_per_run
 
     def activate_impl(self) -> EngineInfo:
         ort = require("onnxruntime")
@@ -107,11 +127,19 @@ class OrtEngine(Engine):
         num_cameras = metadata_num_cameras(metadata, self.path)
         self._session = session
         self._output_names = [spec.name for spec in output_specs]
+        on_cpu_only = session.get_providers() == ["CPUExecutionProvider"]
+        self._clips_per_run = self._requested_clips_per_run or (CPU_CLIPS_PER_RUN if on_cpu_only else None)
         return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras, metadata)
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        arrays = self._session.run(self._output_names, feed)
-        return dict(zip(self._output_names, arrays))
+        batch = len(feed["camera"])
+        step = self._clips_per_run or batch
+        if step >= batch:
+            return dict(zip(self._output_names, self._session.run(self._output_names, feed)))
+        pieces = [self._session.run(self._output_names, {name: value[start:start + step] for name, value in feed.items()})
+                  for start in range(0, batch, step)]
+        return {name: np.concatenate([piece[index] for piece in pieces])
+                for index, name in enumerate(self._output_names)}
 
     def deactivate_impl(self) -> None:
         self._session = None

@@ -19,7 +19,7 @@ from flops import count_model, count_torch  # noqa: E402
 from keyreid.export.checkpoint import load_checkpoint  # noqa: E402
 from keyreid.export.onnx_export import build_deploy_model  # noqa: E402
 from keyreid.export.precision import to_int8  # noqa: E402
-from keyreid.export.verify import sample_inputs  # noqa: E402
+from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def reduced_fp32_model(reduced_onnx):
 @pytest.mark.parametrize("clips", [1, 3])
 def test_onnx_flop_count_matches_torch_count_of_the_deploy_model(reduced_checkpoint, reduced_fp32_model, clips):
     """Walking the exported graph and torch's FlopCounterMode on the model it came from agree."""
-    feed = sample_inputs(6, clips)
+    feed = synthetic_feed(clips, 6, crop_sizes=[MARS_CROP_SIZE])
     model = build_deploy_model(load_checkpoint(reduced_checkpoint), "max")
     expected = count_torch(model, *(torch.from_numpy(feed[name]) for name in
                                     ("frames", "keypoints", "crop_size", "camera")))

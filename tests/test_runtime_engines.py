@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engine_ort import OrtEngine, choose_providers
+from keyreid.runtime.engine_ort import CPU_CLIPS_PER_RUN, OrtEngine, choose_providers
 from keyreid.runtime.engines import open_engine
 
 from toy_engine_model import batch_feed, build_toy_model, expected_outputs, random_clip
@@ -49,6 +49,24 @@ def test_onnx_engine_computes_the_model_outputs(toy_model, feed):
     assert set(outputs) == {"embedding", "part_weights"}
     np.testing.assert_array_equal(outputs["embedding"], expected["embedding"])
     np.testing.assert_array_equal(outputs["part_weights"], expected["part_weights"])
+
+
+def test_cpu_engine_runs_a_batch_in_pieces_with_each_clips_own_result(toy_model):
+    rng = np.random.default_rng(2)
+    feed = batch_feed([random_clip(rng, camera) for camera in (0, 3, -1, 5, 1)])
+    with open_engine(toy_model, providers=["CPUExecutionProvider"]) as default, \
+            open_engine(toy_model, clips_per_run=2) as in_pairs, open_engine(toy_model, clips_per_run=64) as whole:
+        assert (default.clips_per_run, in_pairs.clips_per_run) == (CPU_CLIPS_PER_RUN, 2)
+        results = [engine.infer(feed) for engine in (default, in_pairs, whole)]
+    expected = expected_outputs(feed)
+    for outputs in results:
+        np.testing.assert_array_equal(outputs["embedding"], expected["embedding"])
+        np.testing.assert_array_equal(outputs["part_weights"], expected["part_weights"])
+
+
+def test_clips_per_run_below_one_is_refused(toy_model):
+    with pytest.raises(KeyreidError, match="clips_per_run must be at least 1"):
+        OrtEngine(toy_model, clips_per_run=0)
 
 
 def test_engine_is_inactive_until_activated_and_after_the_with_block(toy_model, feed):
