@@ -19,8 +19,9 @@ import shutil
 import stat
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
@@ -164,6 +165,22 @@ def copy_file(source: PathLike, path: PathLike) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     return Path(path)
+
+
+def read_npz(path: PathLike, what: str) -> Dict[str, np.ndarray]:
+    """Every array of the ``.npz`` archive at ``path`` (pickles refused), or one KeyreidError that
+    names ``what`` the file should have been: missing, truncated, a lone ``.npy``, not NumPy."""
+    path = Path(path)
+    if not path.is_file():
+        raise KeyreidError(f"{what} {path} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise KeyreidError(f"{path} holds a single array (.npy), not the .npz archive of a {what}")
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise KeyreidError(f"{path} is not a {what}: it cannot be read as an .npz archive ({exc})") from exc
 
 
 def write_npz(path: PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

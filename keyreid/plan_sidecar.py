@@ -81,7 +81,7 @@ class PlanSidecar:
     def embed_dim(self) -> Optional[int]:
         """Model width D (the embedding has 25 D floats), from the ONNX metadata."""
         value = self.onnx_metadata.get("embed_dim")
-        return int(value) if value is not None and value.isdigit() else None
+        return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
     @property
     def heatmap_mode(self) -> Optional[str]:
@@ -128,7 +128,7 @@ def _problems(content: Mapping[str, object]) -> List[str]:
         problems.append("'onnx_metadata' must be an object of strings")
         return problems
     cameras = metadata.get("num_cameras")
-    if cameras is None or not cameras.isdigit() or int(cameras) < 1:
+    if cameras is None or not (cameras.isascii() and cameras.isdigit()) or int(cameras) < 1:
         problems.append(f"onnx_metadata num_cameras={cameras!r} is not a positive integer")
     if metadata.get("heatmap_mode") not in HEATMAP_MODES:
         problems.append(f"onnx_metadata heatmap_mode={metadata.get('heatmap_mode')!r} is not one of "
@@ -146,6 +146,8 @@ def read_sidecar(plan_path: "str | Path") -> PlanSidecar:
         raise KeyreidError(f"{path}: {path.stat().st_size} bytes is too big for a plan sidecar")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise KeyreidError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise KeyreidError(f"{path}: not a plan sidecar (not JSON: {exc})") from exc
     problems = _problems(content) if isinstance(content, dict) else ["the top level is not a JSON object"]

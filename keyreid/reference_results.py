@@ -15,7 +15,7 @@ import numpy as np
 
 from keyreid.contract import INPUT_NAMES, OUTPUT_NAMES
 from keyreid.errors import KeyreidError
-from keyreid.files import write_npz
+from keyreid.files import read_npz, write_npz
 
 PathLike = Union[str, Path]
 FORMAT_VERSION = 1
@@ -39,14 +39,7 @@ def write_reference_results(path: PathLike, feed: Mapping[str, np.ndarray],
 def read_reference_results(path: PathLike) -> ReferenceResults:
     """Read and check a reference file; every problem is one KeyreidError naming the file."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise KeyreidError(f"reference file {path} does not exist") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise KeyreidError(f"{path} is not a reference file written by export/reference_outputs.py "
-                           f"(not a readable .npz: {exc})") from exc
+    arrays = read_npz(path, "reference file")
     wanted = [f"feed/{name}" for name in INPUT_NAMES] + [f"expected/{name}" for name in OUTPUT_NAMES] + ["info"]
     missing = [name for name in wanted if name not in arrays]
     if missing:

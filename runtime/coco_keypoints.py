@@ -125,6 +125,9 @@ def read_coco_keypoints(path: Path, frame_names: Sequence[str]) -> Dict[str, Fra
         frame_key = entry.get("file_name", entry.get("image_id"))
         if frame_key is None:
             raise KeyreidError(f"{where} has neither \"file_name\" nor \"image_id\"")
+        if not isinstance(frame_key, (str, int)) or isinstance(frame_key, bool):
+            raise KeyreidError(f"{where}: \"file_name\" / \"image_id\" must be a string or a whole number, "
+                               f"got {type(frame_key).__name__}")
         keypoints = _numbers(entry.get("keypoints"), NUM_KEYPOINTS * 3)
         if keypoints is None:
             raise KeyreidError(f"{where}: \"keypoints\" must be {NUM_KEYPOINTS * 3} numbers "

@@ -206,7 +206,11 @@ class TrtEngine(Engine):
                 raise KeyreidError(f"{library}: cannot load TensorRT plugin library")
 
         self._runtime = runtime = trt.Runtime(logger)
-        self._engine = engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        try:
+            plan = self.path.read_bytes()
+        except OSError as exc:
+            raise KeyreidError(f"{self.path}: cannot be read ({exc.strerror or exc})") from exc
+        self._engine = engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise KeyreidError(f"{self.path}: TensorRT cannot deserialize this engine (truncated or not an "
                                "engine, or its plugin library was not loaded)")

@@ -19,7 +19,6 @@ import argparse
 import sys
 import threading
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Literal, Optional, Sequence, Union
@@ -28,7 +27,7 @@ import numpy as np
 
 from keyreid.cli import run_main
 from keyreid.errors import KeyreidError
-from keyreid.files import check_writable, write_json, write_npz
+from keyreid.files import check_writable, read_npz, write_json, write_npz
 from keyreid.runtime.gallery_index import BACKENDS, DEFAULT_BACKEND, make_index
 
 PathLike = Union[str, Path]
@@ -308,13 +307,7 @@ _FILE_ARRAYS = {"format": "U", "features": "f", "ids": "i", "cameras": "i", "tim
 
 def _read_gallery_file(path: Path) -> Dict[str, np.ndarray]:
     """The checked arrays of a gallery file, or one KeyreidError saying what is wrong."""
-    if not path.is_file():
-        raise KeyreidError(f"gallery file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files if name in _FILE_ARRAYS}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise KeyreidError(f"gallery file {path} is truncated or not a gallery ({exc})") from exc
+    arrays = {name: array for name, array in read_npz(path, "gallery file").items() if name in _FILE_ARRAYS}
     missing = [name for name in _FILE_ARRAYS if name not in arrays]
     if missing or str(arrays.get("format")) != FORMAT:
         raise KeyreidError(f"{path} is not a keyreid gallery file ({FORMAT})"
@@ -364,13 +357,7 @@ exit status: 0 done; 1 bad input (nothing written); 2 wrong usage"""
 
 def _read_embeddings(path: Path, rows: str, default_rows: str) -> Dict[str, np.ndarray]:
     """infer.py's --output arrays, restricted to ``rows`` (auto: ``default_rows`` if marked)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise KeyreidError(f"{path} does not exist") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise KeyreidError(f"{path} is not an infer.py output (.npz): {exc}") from exc
+    arrays = read_npz(path, "infer.py output")
     needed = ("embeddings", "tracklets", "pids", "cameras")
     missing = [name for name in needed if name not in arrays]
     if missing:

@@ -23,6 +23,7 @@ go to ``on_finished`` or wait in ``drain_finished()``.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -41,6 +42,8 @@ from keyreid.runtime.pipeline import describe_failure
 from keyreid.runtime.poses import no_joints
 from keyreid.runtime.runner import Runner, tracklet_feature
 from keyreid.runtime.tracklets import split_into_clips
+
+_log = logging.getLogger(__name__)
 
 ColorOrder = Literal["rgb", "bgr"]
 # Larger crops than this are refused rather than resized: a tracker never hands over a person
@@ -327,18 +330,22 @@ class OnlineEncoder:
                 result = TrackResult(track_id, track.camera, None, track.num_frames, len(track.clips),
                                      track.first_timestamp, track.last_timestamp, error=str(exc))
             results.append(result)
-            if self._on_finished is not None:
+            if self._on_finished is None:
+                with self._lock:
+                    self._finished.append(result)
+                continue
+            try:
                 self._on_finished(result)
-            else:
-                self._finished.append(result)
+            except Exception:   # the caller's bug must not stop the other tracks being finished
+                _log.exception("on_finished raised for track %r; the other idle tracks go on", track_id)
         return results
 
     def drain_finished(self) -> List[TrackResult]:
         """Results of tracks finished for idleness since the last call (without ``on_finished``;
         at most ``max_tracks`` are kept, oldest dropped first)."""
-        results = []
-        while self._finished:
-            results.append(self._finished.popleft())
+        with self._lock:
+            results = list(self._finished)
+            self._finished.clear()
         return results
 
     def _reap_idle(self) -> None:
@@ -356,7 +363,8 @@ class OnlineEncoder:
             self._closed = True
             self._room.notify_all()
         self._stop_reaper.set()
-        if self._reaper is not None:
+        # on_finished may call close() from the reaper thread itself, which cannot join itself.
+        if self._reaper is not None and self._reaper is not threading.current_thread():
             self._reaper.join()
         self._runner.close()
 

@@ -181,10 +181,11 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
     started = time.perf_counter()
     failures: Dict[int, TrackletFailure] = {}
     futures = []
+    queue_stalled: Optional[str] = None
     for position, tracklet in enumerate(tracklets):
         reason = camera_problem(tracklet.camera, runner.engine.num_cameras)
-        if reason:
-            failures[position] = TrackletFailure(tracklet.name, reason)
+        if reason or queue_stalled:
+            failures[position] = TrackletFailure(tracklet.name, reason or queue_stalled)
             if progress is not None:
                 progress.done(0, failed=True)
             continue
@@ -193,6 +194,9 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
             future = runner.submit_tracklet(clips)
         except QueueFull as exc:        # the engine stopped freeing room (block_timeout_s)
             failures[position] = TrackletFailure(tracklet.name, str(exc))
+            # Waiting as long again for each later tracklet would turn one hung engine into
+            # hours of waiting: they fail now, with the reason.
+            queue_stalled = f"not run: {exc}"
             continue
         if progress is not None:
             future.add_done_callback(

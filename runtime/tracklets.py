@@ -178,8 +178,8 @@ def _frame_files(folder: Path, ignored: List[Path]) -> List[Path]:
             continue
         if entry.suffix.lower() in FRAME_SUFFIXES and entry.is_file():
             frames.append(entry)
-        elif entry.suffix != POSE_SUFFIX:    # pose files, even odd ones, are read_pose's to count
-            ignored.append(entry)
+        elif entry.suffix != POSE_SUFFIX and entry.name != COCO_FILE_NAME:
+            ignored.append(entry)            # pose files, even odd ones, are read_pose's to count
     return sorted(frames, key=lambda entry: entry.name)
 
 

@@ -1,6 +1,7 @@
 """Files are never destroyed: outputs that are inputs are refused before any work, writes are
 whole with unique temporary names and normal permissions, and no temporary file survives an
 error or a signal."""
+import re
 import os
 import shutil
 import signal
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from keyreid.errors import KeyreidError
 
 from keyreid import files
 
@@ -164,3 +167,24 @@ def test_random_checkpoint_cli_reports_an_unwritable_output_in_one_line(tmp_path
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("npy", "holds a single array (.npy)"),
+    ("zip header", "is not a reference file: it cannot be read as an .npz archive"),
+    ("truncated", "is not a reference file: it cannot be read as an .npz archive"),
+    (None, "does not exist"),
+])
+def test_npz_that_cannot_be_read_is_one_error_naming_what_it_should_be(tmp_path, content, reason):
+    from keyreid.files import read_npz
+    path = tmp_path / "ref.npz"
+    if content == "npy":
+        with open(path, "wb") as handle:
+            np.save(handle, np.zeros(3))
+    elif content == "zip header":
+        path.write_bytes(b"PK\x03\x04 not really a zip")
+    elif content == "truncated":
+        np.savez(path, feed=np.arange(1000))
+        path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(KeyreidError, match=re.escape(reason)):
+        read_npz(path, "reference file")

@@ -137,9 +137,9 @@ def test_saved_gallery_loads_with_every_field_and_searches_the_same(saved_galler
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda data: data[:len(data) // 2], "truncated or not a gallery"),
-    (lambda data: b"", "truncated or not a gallery"),
-    (lambda data: b"not a zip file at all", "truncated or not a gallery"),
+    (lambda data: data[:len(data) // 2], "is not a gallery file: it cannot be read"),
+    (lambda data: b"", "is not a gallery file: it cannot be read"),
+    (lambda data: b"not a zip file at all", "is not a gallery file: it cannot be read"),
 ], ids=["half", "empty", "garbage"])
 def test_damaged_gallery_file_is_one_clear_error_and_the_saved_file_stays(saved_gallery, tmp_path, damage, message):
     gallery, path = saved_gallery
@@ -258,7 +258,7 @@ def test_cli_search_with_a_truncated_gallery_or_another_width_is_one_error_line(
     truncated.write_bytes(gallery_path.read_bytes()[:100])
     assert run_main(gallery_cli.main, ["search", str(truncated), str(embeddings)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: gallery file") and "truncated" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and "is not a gallery file" in err and len(err.strip().splitlines()) == 1
 
 
 def test_gallery_cli_ranks_infer_output_on_a_mars_tree_as_the_evaluation_does(tmp_path):

@@ -548,3 +548,26 @@ def test_run_tracklets_fails_what_waits_on_a_hung_engine_instead_of_waiting_fore
     assert time.monotonic() - started < 8
     assert [failure.name for failure in run.failures] == ["a", "b"]
     assert "appears hung" in run.failures[0].reason
+
+
+def test_after_a_hung_engine_fills_the_queue_later_tracklets_fail_without_waiting_each(toy_model, tmp_path):
+    from keyreid.runtime.pipeline import clip_loader, run_tracklets
+    from keyreid.runtime.poses import PoseTally
+    from keyreid.runtime.tracklets import discover_tracklets
+    import cv2
+    names = [f"t{index}" for index in range(6)]
+    for name in names:
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "0.png"), np.zeros((256, 128, 3), np.uint8))
+    engine = GatedEngine(toy_model)
+    tally = PoseTally()
+    with Runner(engine, preprocess=clip_loader(tally), max_batch_size=1, max_queue_delay_ms=0,
+                max_queue_size=1, block_timeout_s=0.3) as runner:
+        threading.Timer(5.0, engine.gate.set).start()
+        run = run_tracklets(runner, discover_tracklets(tmp_path).tracklets, tally, stall_timeout_s=0.5)
+    reasons = {failure.name: failure.reason for failure in run.failures}
+    assert sorted(reasons) == names
+    # One tracklet met the full queue and waited block_timeout_s; the ones after it did not wait.
+    full = [name for name, reason in reasons.items() if reason.startswith("no room in the runner's queue")]
+    not_run = [name for name, reason in reasons.items() if reason.startswith("not run: no room in the runner's queue")]
+    assert len(full) == 1 and len(not_run) >= 3, reasons
