@@ -92,6 +92,10 @@ def quantisable_matmuls(model) -> list:
     activation x activation products (attention) stay fp32.
     """
     matrices = {init.name for init in model.graph.initializer if len(init.dims) == 2}
+    unknown = [name for name in FP32_WEIGHTS if name not in matrices]
+    if unknown:     # a renamed buffer would otherwise be quantised without a word
+        raise KeyreidError(f"int8 quantisation: weight(s) {', '.join(unknown)} to keep in fp32 are not in "
+                           "the exported graph (exporter changed?)")
     names = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:

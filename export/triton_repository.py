@@ -68,6 +68,9 @@ def describe_onnx(path: Path) -> ModelDescription:
 def describe_plan(path: Path) -> ModelDescription:
     """A TensorRT plan is described by its sidecar (reading the plan itself needs TensorRT and a GPU)."""
     sidecar = read_sidecar(path)
+    if sidecar.build["min_batch"] > 1:      # Triton sends any batch from 1 up and does not pad
+        raise KeyreidError(f"{path}: built with --min-batch {sidecar.build['min_batch']}, but Triton sends "
+                           "batches from 1 clip up; rebuild the plan with --min-batch 1 to serve it")
     if sidecar.embed_dim is None:
         raise KeyreidError(f"{path}: the sidecar's onnx_metadata has no embed_dim (model width)")
     capability = ".".join(str(part) for part in sidecar.compute_capability)

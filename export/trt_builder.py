@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from keyreid.contract import INPUTS, OP_DOMAIN, OP_NAME
+from keyreid.contract import HEATMAP_MODES, INPUTS, OP_DOMAIN, OP_NAME
 from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes
 from keyreid.lazy import require
@@ -110,7 +110,14 @@ def _register_aot_plugin(trt, compute_capability: Tuple[int, int]) -> None:
         raise KeyreidError(f"TensorRT {trt.__version__} has no AOT Python plugins (they need "
                            f"{'.'.join(map(str, AOT_PLUGIN_MIN_VERSION))} or newer); build with --plugin none "
                            "to use the op's ONNX function")
-    from keyreid.kernels.trt_plugin import register_plugin
+    from keyreid.kernels import cuda_build
+    from keyreid.kernels.trt_plugin import check_kernel_arguments, register_plugin
+    # Compile and check the kernel now: inside TensorRT's aot_impl callback a compiler error
+    # would surface as a traceback in TensorRT's log and a bare "could not build". The PTX is
+    # cached, so the callback's own compile_ptx is a lookup.
+    ptx = cuda_build.compile_ptx(compute_capability)
+    for mode in HEATMAP_MODES:
+        check_kernel_arguments(ptx, cuda_build.kernel_name(mode))
     register_plugin(importlib.import_module("tensorrt.plugin"), compute_capability)
 
 

@@ -155,6 +155,7 @@ def test_plan_repository_takes_batch_range_and_notes_from_the_sidecar(tmp_path, 
     (("--kind", "cpu"), {}, "runs on a GPU only"),
     (("--max-batch", "32"), {}, "above the 16 clips"),
     ((), {"format_version": 2}, "format_version is 2"),
+    ((), {"build": {"min_batch": 2, "opt_batch": 4, "max_batch": 16}}, "rebuild the plan with --min-batch 1"),
     ((), None, "sidecar model.plan.json is missing"),
 ])
 def test_plan_problems_are_one_line_errors_and_write_nothing(tmp_path, capsys, options, sidecar, reason):
