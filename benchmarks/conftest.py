@@ -22,7 +22,7 @@ def bench_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bench_onnx(bench_checkpoint, tmp_path_factory):
-    from keyreid.cli import quiet_third_party_logs
+    from keyreid.export.quiet_logs import quiet_third_party_logs
     from keyreid.export.onnx_export import export_model, write_model_atomically
     quiet_third_party_logs()
     folder = tmp_path_factory.mktemp("bench_onnx")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keyreid.cli import quiet_third_party_logs, run_main
+from keyreid.cli import run_main
+from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import CLIP_FRAMES, HEATMAP_MODES, NUM_KEYPOINTS, NUM_PARTS, NUM_PATCHES
 from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keyreid.cli import quiet_third_party_logs, run_main
+from keyreid.cli import run_main
+from keyreid.export.quiet_logs import quiet_third_party_logs
 
 # (seed, residual scale): scale < 1 shrinks the residual stream so that part weights move the
 # embedding (SPEC section 5 caveat); > 1 widens the activations' dynamic range.

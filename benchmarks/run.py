@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from keyreid.cli import quiet_third_party_logs, run_main
+from keyreid.cli import run_main
+from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
 
 HERE = Path(__file__).resolve().parent

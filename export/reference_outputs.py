@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from keyreid.cli import Steps, quiet_third_party_logs, run_main
+from keyreid.cli import Steps, run_main
+from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
 from keyreid.errors import KeyreidError
 from keyreid.files import check_distinct_outputs, check_writable

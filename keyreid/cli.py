@@ -7,7 +7,6 @@ else is a bug and keeps its traceback. SIGTERM is handled like Ctrl-C: it raises
 Runner cancels its queued clips, a half-written file is removed) before the exit.
 """
 import argparse
-import logging
 import signal
 import sys
 import threading
@@ -65,17 +64,6 @@ class Steps:
 
     def done(self) -> None:
         self._finish()
-
-
-def quiet_third_party_logs() -> None:
-    """The exporter logs a warning per missing torchvision op; users need none of it.
-    torch configures its loggers when imported, so import it (if present) before quietening."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # --- argument types every command-line tool shares (argparse ``type=``) -------------------------
