@@ -276,9 +276,12 @@ def parse_ptxas_report(text: str) -> List[KernelResources]:
     return found
 
 
-def build_fatbin(output: Path, architectures=ARCHITECTURES, threads: int = 2) -> List[KernelResources]:
+def build_fatbin(output: Path, architectures=ARCHITECTURES, threads: int = 1) -> List[KernelResources]:
     """A fatbin with a cubin and the PTX of every architecture, written whole to ``output``,
-    and ptxas's report on each entry point (registers, spills)."""
+    and ptxas's report on each entry point (registers, spills).
+
+    ``threads`` above 1 runs ptxas jobs in parallel, whose report lines can interleave and be
+    credited to the wrong (architecture, entry); the default keeps the report exact."""
     output = Path(output)
     gencode = []
     for major, minor in architectures:
@@ -319,7 +322,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Build the fused KeypointPartPool kernel for every "
                                                  "supported GPU architecture (PTX and cubins in one fatbin).")
     parser.add_argument("output", type=Path, help="fatbin to write, e.g. build/keypoint_part_pool.fatbin")
-    parser.add_argument("--threads", type=int, default=2, help="parallel nvcc jobs (default: 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="parallel ptxas jobs (default: 1; more is faster but can mix up the spill report)")
     args = parser.parse_args(argv)
     resources = build_fatbin(args.output, threads=args.threads)
     print(resource_table(resources))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -26,6 +27,10 @@ from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
 from keyreid.plan_sidecar import DeviceFacts, check_device, read_sidecar
+
+_log = logging.getLogger(__name__)
+# Longest deactivate() waits for a batch still running before leaving its buffers behind.
+RELEASE_WAIT_S = 30.0
 
 
 def _cudart():
@@ -303,8 +308,16 @@ class TrtEngine(Engine):
         return {name: self._host[name].view(shape, dtype).copy() for name, (shape, dtype) in shapes.items()}
 
     def deactivate_impl(self) -> None:
-        with self._lock:
+        # A batch still running (a hung GPU, after the runner gave up on it) holds the lock: wait
+        # a bounded time, then leave its buffers to the process's exit rather than hang here.
+        if not self._lock.acquire(timeout=RELEASE_WAIT_S):
+            _log.warning("%s: a batch is still running after %g s; its GPU memory is left to the "
+                         "process's exit", self.path, RELEASE_WAIT_S)
+            return
+        try:
             self._release()
+        finally:
+            self._lock.release()
 
     def _release(self) -> None:
         """Free everything activation took, whatever state it got to; frees all even when one

@@ -67,6 +67,12 @@ def declared_size(encoded: bytes) -> Optional[Tuple[int, int]]:
     return None
 
 
+def max_frame_bytes(max_side: int) -> int:
+    """Largest frame file accepted for frames of at most ``max_side`` pixels per side: 8-bit RGBA
+    pixels uncompressed, plus 16 MiB of metadata."""
+    return max_side * max_side * 4 + (16 << 20)
+
+
 def decode_frame(path: PathLike, max_side: int = DEFAULT_MAX_FRAME_SIDE) -> np.ndarray:
     """Read an image file into RGB uint8 [H, W, 3] at its own size.
 
@@ -78,10 +84,17 @@ def decode_frame(path: PathLike, max_side: int = DEFAULT_MAX_FRAME_SIDE) -> np.n
     cv2 = require("cv2")
     path = Path(path)
     try:
+        file_bytes = path.stat().st_size
+        # No JPEG or PNG of an allowed size is bigger than its raw pixels plus its metadata: a
+        # bigger file is refused before it is read into memory.
+        if file_bytes > max_frame_bytes(max_side):
+            raise KeyreidError(f"frame {path} is {file_bytes / 2**20:.0f} MiB, more than an image of at most "
+                               f"{max_side} pixels per side can take (--max-frame-side)")
         encoded = np.fromfile(str(path), dtype=np.uint8)   # np.fromfile: non-ASCII paths work
     except OSError as exc:
         raise KeyreidError(f"cannot read frame {path}: {exc.strerror or exc}") from exc
-    size = declared_size(encoded[:65536].tobytes())
+    # The whole file: a JPEG's size header may follow large EXIF or ICC segments.
+    size = declared_size(encoded.tobytes())
     if size is None:
         raise KeyreidError(f"cannot decode frame {path}: not a JPEG or PNG image")
     if max(size) > max_side:

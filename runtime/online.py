@@ -287,6 +287,8 @@ class OnlineEncoder:
         result holds the final feature (the same as ``infer.py --tracklets`` on these frames).
         The track id is free for reuse afterwards. An engine failure raises KeyreidError."""
         with self._lock:
+            if self._closed:     # the runner is gone: the track's last clip could not be sent
+                raise KeyreidError("the online encoder is closed; finish tracks before closing it")
             self._track(track_id)
             track = self._end(track_id)
         return self._result(track_id, track, timeout)

@@ -256,6 +256,36 @@ def test_idle_tracks_are_finished_in_the_background(toy_model):
     np.testing.assert_array_equal(result.feature, toy_feature(frames, np.zeros((5, 17, 3), np.float32), 3))
 
 
+def test_a_failing_on_finished_does_not_stop_other_idle_tracks_being_finished(toy_model):
+    rng = np.random.default_rng(8)
+    frames = rng.integers(0, 256, (2, 256, 128, 3), dtype=np.uint8)
+    finished, done = [], threading.Event()
+
+    def fussy(result):
+        finished.append(result.track_id)
+        if len(finished) == 2:
+            done.set()
+        raise RuntimeError("the caller's bug")
+
+    with OnlineEncoder(open_engine(toy_model), idle_timeout_s=0.2, on_finished=fussy) as encoder:
+        encoder.push("a", frames[0], None, camera=1)
+        encoder.push("b", frames[1], None, camera=1)
+        assert done.wait(5)
+        encoder.push("c", frames[0], None, camera=1)           # the reaper is still alive
+        deadline = time.monotonic() + 5
+        while "c" not in finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert sorted(finished) == ["a", "b", "c"]
+
+
+def test_finish_after_close_is_a_clear_error(toy_model):
+    encoder = OnlineEncoder(open_engine(toy_model), idle_timeout_s=None)
+    encoder.push("late", np.zeros((256, 128, 3), np.uint8), None, camera=0)
+    encoder.close()
+    with pytest.raises(KeyreidError, match="the online encoder is closed"):
+        encoder.finish("late")
+
+
 def test_idle_tracks_without_a_callback_wait_in_drain_finished(toy_model):
     with OnlineEncoder(open_engine(toy_model), idle_timeout_s=60) as encoder:
         encoder.push("first", np.zeros((8, 4, 3), np.uint8), None, camera=0)

@@ -154,6 +154,24 @@ def test_frame_declaring_a_side_above_the_limit_is_refused_before_decoding(tmp_p
     assert images.load_frame(path, max_side=5000)[1] == (5000, 20)
 
 
+def test_jpeg_whose_size_header_follows_large_metadata_segments_is_decoded(tmp_path):
+    ok, encoded = cv2.imencode(".jpg", np.full((30, 12, 3), 90, np.uint8))
+    metadata = b"".join(b"\xff\xe2" + (60002).to_bytes(2, "big") + bytes(60000) for _ in range(2))
+    path = tmp_path / "exif.jpg"
+    path.write_bytes(encoded.tobytes()[:2] + metadata + encoded.tobytes()[2:])   # SOF 120 KB in
+    frame, size = images.load_frame(path)
+    assert size == (12, 30) and frame.shape == (IMAGE_HEIGHT, IMAGE_WIDTH, 3)
+
+
+def test_frame_file_larger_than_any_allowed_image_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "bloated.png"
+    cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+    with open(path, "r+b") as handle:            # sparse: no disk used, and never read
+        handle.truncate(images.max_frame_bytes(64) + 1)
+    with pytest.raises(KeyreidError, match="bloated.png is 16 MiB, more than an image of at most 64 pixels"):
+        images.decode_frame(path, max_side=64)
+
+
 @pytest.mark.parametrize("suffix", [".jpg", ".png"])
 def test_declared_size_reads_the_header_of_jpeg_and_png(tmp_path, suffix):
     path = tmp_path / f"f{suffix}"
