@@ -59,6 +59,13 @@ class FusedKernel:
             cuda_call(driver.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.device)))
         self.ptx = compile_ptx(self.compute_capability)
         self.context = cuda_call(driver.cuDevicePrimaryCtxRetain(self.device))
+        try:
+            self._load_module(driver)
+        except BaseException:           # give back the context this object will never use
+            driver.cuDevicePrimaryCtxRelease(self.device)
+            raise
+
+    def _load_module(self, driver) -> None:
         image = ctypes.create_string_buffer(self.ptx.encode())    # NUL-terminated, as PTX must be
         with self.current():
             # The driver JIT-compiles the PTX for this device.
@@ -68,8 +75,12 @@ class FusedKernel:
                                    f"{_ptx_isa(self.ptx)} from this machine's CUDA compiler: install "
                                    f"an NVRTC or CUDA toolkit no newer than the driver")
             cuda_call((status, self.module))
-            self.functions = {mode: cuda_call(driver.cuModuleGetFunction(self.module, kernel_name(mode).encode()))
-                              for mode in HEATMAP_MODES}
+            try:
+                self.functions = {mode: cuda_call(driver.cuModuleGetFunction(self.module, kernel_name(mode).encode()))
+                                  for mode in HEATMAP_MODES}
+            except BaseException:
+                driver.cuModuleUnload(self.module)
+                raise
 
     def current(self):
         """Context manager: this device's primary context is current inside it."""
