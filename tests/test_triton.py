@@ -119,7 +119,7 @@ def test_validation_lists_every_way_a_config_breaks_the_contract(onnx_repository
 
 
 def write_plan_with_sidecar(folder: Path, **changes) -> Path:
-    """A stand-in plan (opaque bytes: nothing here reads a plan) and the sidecar issue 8's export writes."""
+    """A stand-in plan (opaque bytes: nothing here reads a plan) and the sidecar export/to_tensorrt.py writes."""
     plan = folder / "model.plan"
     plan.write_bytes(b"opaque TensorRT plan bytes")
     sidecar = {"format": "keyreid-plan-sidecar", "format_version": 1, "tensorrt_version": "10.13.0.35",
