@@ -4,8 +4,10 @@
 
 Counted: the matrix products, which are all but ~1% of the work. MatMul and Gemm count 2 FLOPs
 per multiply-add; Conv likewise; MatMulInteger (int8 dynamic quantisation) and ONNX Runtime's
-DynamicQuantizeMatMul / MatMulIntegerToFloat count int8 multiply-adds (MACs). Elementwise ops,
-reductions, softmax and the KeypointPartPool op are not counted.
+DynamicQuantizeMatMul / MatMulIntegerToFloat count int8 multiply-adds (MACs). ONNX Runtime's
+fused self-attention (Attention, QAttention in the int8 file) counts its qkv projection (int8
+MACs for QAttention) and its two fp32 activation products, q.k^T and the mix of v. Elementwise
+ops, reductions, softmax and the KeypointPartPool op are not counted.
 
 Shapes come from ONNX shape inference at N = 1 clip on a weightless copy of the graph (large
 weights become inputs of the same shape), so a ViT-B file is counted in seconds.
@@ -21,6 +23,7 @@ from keyreid.cli import run_main
 
 FLOAT_PRODUCTS = ("MatMul", "Gemm", "Conv", "FusedMatMul")
 INT8_PRODUCTS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+ATTENTION = ("Attention", "QAttention")   # com.microsoft, export/cpu_rewrites.py
 SMALL_CONSTANT = 4096      # initializers up to this many elements keep their values (shapes)
 
 
@@ -33,7 +36,13 @@ def _weightless(model, clips: int):
     copy.opset_import.extend(model.opset_import)
     copy.functions.extend(model.functions)
     graph = copy.graph
-    graph.node.extend(model.graph.node)
+    for node in model.graph.node:
+        if node.op_type in ATTENTION:
+            # ONNX shape inference does not know the contrib op; its output has its input's shape
+            # when the packed qkv weight is three times the input width (checked when counted).
+            graph.node.append(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]]))
+        else:
+            graph.node.append(node)
     graph.output.extend(model.graph.output)
     for value in model.graph.input:
         fixed = graph.input.add()
@@ -93,12 +102,26 @@ def _node_macs(node, shapes) -> int:
     return _product_macs(a, b)
 
 
+def _attention_macs(node, shapes) -> Dict[str, int]:
+    """{op label: MACs} of a fused self-attention over input [B, S, C] with qkv weight [C, 3C]."""
+    batch, length, width = shapes[node.input[0]]
+    if shapes[node.input[1]] != (width, 3 * width):
+        raise RuntimeError(f"{node.name} ({node.op_type}): qkv weight {shapes[node.input[1]]} for input width {width}")
+    projection = "QAttention qkv" if node.op_type == "QAttention" else "Attention qkv"
+    return {projection: batch * length * width * 3 * width, "Attention q.k, p.v": 2 * batch * length * length * width}
+
+
 def count_model(model, clips: int = 1) -> dict:
     """{"fp32_flops", "int8_macs", "by_op": {op type: FLOPs or MACs}} for ``clips`` clips."""
     light = _weightless(model, clips)
     shapes = _shapes(light)
     by_op: Dict[str, int] = {}
-    for node in light.graph.node:
+    int8_labels = set(INT8_PRODUCTS) | {"QAttention qkv"}
+    for node in model.graph.node:
+        if node.op_type in ATTENTION:
+            for label, macs in _attention_macs(node, shapes).items():
+                by_op[label] = by_op.get(label, 0) + (macs if label in int8_labels else 2 * macs)
+            continue
         if node.op_type not in FLOAT_PRODUCTS + INT8_PRODUCTS:
             continue
         missing = [name for name in node.input[:2] if name not in shapes]
@@ -106,8 +129,8 @@ def count_model(model, clips: int = 1) -> dict:
             raise RuntimeError(f"{node.name} ({node.op_type}): no static shape for {missing}")
         macs = _node_macs(node, shapes)
         by_op[node.op_type] = by_op.get(node.op_type, 0) + (macs if node.op_type in INT8_PRODUCTS else 2 * macs)
-    return {"fp32_flops": sum(v for op, v in by_op.items() if op in FLOAT_PRODUCTS),
-            "int8_macs": sum(v for op, v in by_op.items() if op in INT8_PRODUCTS), "by_op": by_op}
+    return {"fp32_flops": sum(v for op, v in by_op.items() if op not in int8_labels),
+            "int8_macs": sum(v for op, v in by_op.items() if op in int8_labels), "by_op": by_op}
 
 
 def count_file(path: Path, clips: int = 1) -> dict:

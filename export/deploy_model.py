@@ -68,9 +68,9 @@ class ClsQueryAttentionBlock(nn.Module):
         self.register_buffer("v_bias", v_bias)
         self.register_buffer("norm1_weight", weight("norm1.weight"))
         self.register_buffer("norm1_bias", weight("norm1.bias"))
-        self.register_buffer("k_weight_heads_t", self.k_weight_heads.transpose(1, 2).contiguous())  # h, C, d
         # Keys and values of rows whose LN1 is t * gamma*(x - mean) + beta carry beta W^T + b.
-        self.register_buffer("key_bias_rows", self.norm1_bias @ self.k_weight_heads_t + self.k_bias_heads)
+        self.register_buffer("key_bias_rows", self.norm1_bias @ self.k_weight_heads.transpose(1, 2)
+                             + self.k_bias_heads)
         self.register_buffer("value_bias_rows", self.norm1_bias @ self.v_weight_heads_t
                              + v_bias.reshape(num_heads, head_dim))
         self.proj = nn.Linear(dim, dim)
@@ -227,21 +227,23 @@ class DeployKeyReID(nn.Module):
         token_normed = block.norm1(token)
         query = block.query(token_normed)                                          # N, h, d
         heads, head_dim = block.num_heads, block.head_dim
-        token_key = (token_normed[:, None, None, :] @ block.k_weight_heads_t)[:, :, 0] \
-            + block.k_bias_heads                                                   # N, h, d
-        token_value = block.project_values(token_normed[:, None, :].expand(-1, heads, -1)) \
-            + block.v_bias.reshape(heads, head_dim)
+        keys = block.absorbed_keys(query)                                          # N, h, C
 
-        row_dot = scaled_rows @ block.absorbed_keys(query).transpose(1, 2)         # N, 128, h
+        # The [CLS] row goes through the absorbed key and the shared value projection like the
+        # others, so no key or value of its own is computed (each would read a C x C weight).
+        row_dot = scaled_rows @ keys.transpose(1, 2)                               # N, 128, h
         row_scores = row_scale * row_dot.transpose(1, 2)[:, None] \
             + (query * block.key_bias_rows).sum(-1)[:, None, :, None]              # N, 6, h, 128
-        token_score = (query * token_key).sum(-1)[:, None, :, None].expand(-1, NUM_PARTS, -1, -1)
+        token_score = (keys @ token_normed[:, :, None]) \
+            + (query * block.k_bias_heads).sum(-1, keepdim=True)                  # N, h, 1
+        token_score = token_score[:, None].expand(-1, NUM_PARTS, -1, -1)
         probs = torch.softmax(torch.cat([token_score, row_scores], dim=-1) * block.scale, dim=-1)
         token_prob, row_probs = probs[..., :1], probs[..., 1:]                      # N,6,h,1 / N,6,h,128
 
-        mixed = (row_probs * row_scale).reshape(N, NUM_PARTS * heads, -1) @ scaled_rows
-        attended = block.project_values(mixed.reshape(N, NUM_PARTS, heads, -1)) \
-            + token_prob * token_value[:, None] + row_probs.sum(-1, keepdim=True) * block.value_bias_rows
+        mixed = ((row_probs * row_scale).reshape(N, NUM_PARTS * heads, -1) @ scaled_rows).reshape(
+            N, NUM_PARTS, heads, -1) + token_prob * token_normed[:, None, None, :]   # N, 6, h, C
+        attended = block.project_values(mixed) + token_prob * block.v_bias.reshape(heads, head_dim) \
+            + row_probs.sum(-1, keepdim=True) * block.value_bias_rows
         cls_out = block.finish(token[:, None, :], attended)                        # N, 6, P
         normed = F.layer_norm(cls_out, cls_out.shape[-1:], None, None, PART_NORM_EPS)
         return (normed * self.part_scale + self.part_shift).reshape(N, -1)

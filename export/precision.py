@@ -4,9 +4,11 @@ fp16: matmul weights are stored in fp16 and every MatMul runs on fp16 inputs, wi
 it; LayerNorm, softmax, residual adds, the part-weight op and the outputs stay fp32. The types are
 in the graph, so a strongly typed TensorRT build runs fp16 matmuls without builder flags.
 
-int8: ONNX Runtime dynamic quantisation (per-channel int8 weights, activations quantised at run
-time) of every MatMul with a constant 2-D weight except the patch embedding, for CPUs. The custom
-node and its function body are left as they are.
+int8: for ONNX Runtime on CPUs. The graph is first rewritten for ONNX Runtime's CPU kernels
+(export/cpu_rewrites.py: fused self-attention, per-head weight stacks as 2-D products), then
+dynamically quantised: per-channel int8 weights, activations quantised at run time, for every
+product with a constant 2-D weight except the patch embedding. The custom node and its function
+body are left as they are.
 """
 import tempfile
 from pathlib import Path
@@ -15,23 +17,8 @@ import numpy as np
 
 from keyreid.contract import OP_DOMAIN, OP_NAME
 from keyreid.errors import KeyreidError
+from keyreid.export.graph_names import FreshNames
 from keyreid.lazy import require
-
-
-class _Names:
-    """Fresh tensor names that collide with nothing in the graph or handed out before."""
-
-    def __init__(self, graph):
-        self.taken = {value for node in graph.node for value in list(node.input) + list(node.output)}
-        self.taken |= {init.name for init in graph.initializer}
-
-    def fresh(self, base: str) -> str:
-        candidate, index = base, 0
-        while candidate in self.taken:
-            index += 1
-            candidate = f"{base}_{index}"
-        self.taken.add(candidate)
-        return candidate
 
 
 def to_fp16(model):
@@ -40,7 +27,7 @@ def to_fp16(model):
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    names = _Names(graph)
+    names = FreshNames(graph)
     initializers = {init.name: init for init in graph.initializer}
     fp16_initializers, fp16_casts = {}, {}   # one fp16 copy per weight, one Cast per activation
     new_nodes = []
@@ -82,14 +69,15 @@ def to_fp16(model):
 # embedding does (5.8e-4: its error runs through all eleven blocks; 0.7% of the arithmetic); the
 # [CLS] branches cost 0 to 3e-5. benchmarks/int8_accuracy.py checks the result on six checkpoints.
 FP32_WEIGHTS = ("patch_weight",)
+QUANTISED_OPS = ("MatMul", "Gemm", "Attention")
 
 
 def quantisable_matmuls(model) -> list:
-    """Names of the MatMul / Gemm nodes whose weight is a 2-D constant, bar ``FP32_WEIGHTS``.
+    """Names of the MatMul / Gemm / Attention nodes whose weight is a 2-D constant, bar ``FP32_WEIGHTS``.
 
-    The backbone blocks hold ~90% of the arithmetic; the [CLS]-only branches' 2-D products
-    (query, output projection, MLP) are also quantised; the per-head 3-D weight stacks and the
-    activation x activation products (attention) stay fp32.
+    The backbone blocks hold ~90% of the arithmetic; the [CLS]-only branches' products (query,
+    per-head key and value weights once split into 2-D, output projection, MLP) are also
+    quantised; the activation x activation products (attention scores and mixing) stay fp32.
     """
     matrices = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     unknown = [name for name in FP32_WEIGHTS if name not in matrices]
@@ -98,7 +86,7 @@ def quantisable_matmuls(model) -> list:
                            "the exported graph (exporter changed?)")
     names = []
     for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        if node.op_type not in QUANTISED_OPS or len(node.input) < 2:
             continue
         if node.input[1] in matrices and node.input[1] not in FP32_WEIGHTS:
             names.append(node.name)
@@ -109,7 +97,15 @@ def to_int8(model):
     """ONNX Runtime dynamic quantisation (int8 MatMul weights, activations quantised at run time)."""
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
+    from keyreid.export.cpu_rewrites import fuse_attention, split_weight_stacks
+
     functions = list(model.functions)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)       # the caller's fp32 model stays as it was
+    if not fuse_attention(rewritten):
+        raise KeyreidError("int8 export found no self-attention to fuse for ONNX Runtime (exporter changed?)")
+    split_weight_stacks(rewritten)
+    model = rewritten
     targets = quantisable_matmuls(model)
     if not targets:
         raise KeyreidError("int8 quantisation found no MatMul with a constant weight (exporter changed?)")
@@ -120,10 +116,12 @@ def to_int8(model):
             # reduce_range (7-bit weights) only avoids overflow on CPUs without VNNI; full 8 bits
             # halve the weight error (embedding cosine 0.9990 -> 0.9997 on ViT-B).
             quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                          op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                                          op_types_to_quantize=list(QUANTISED_OPS), per_channel=True,
                                           reduce_range=False, nodes_to_quantize=targets,
                                           # attention's activation x activation products stay fp32
-                                          extra_options={"MatMulConstBOnly": True})
+                                          extra_options={"MatMulConstBOnly": True,
+                                                         # contrib ops have no ONNX type inference
+                                                         "DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as exc:  # the quantiser raises bare exceptions on graphs it cannot handle
             raise KeyreidError(f"int8 quantisation failed: {exc}") from exc
         quantized = onnx.load_model(str(target))

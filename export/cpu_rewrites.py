@@ -1,0 +1,231 @@
+"""Rewrites of the exported graph for ONNX Runtime's CPU provider, applied to the int8 file only.
+
+The fp32 file stays standard ONNX for TensorRT and every runtime. The int8 file is for ONNX
+Runtime on CPUs, so it may use ONNX Runtime's fused contrib kernels where they are faster:
+
+- ``fuse_attention``: each backbone block's self-attention, as the exporter spells it (qkv MatMul
+  and bias, Reshape to heads, Transpose, three Slice/Squeeze, q.k^T, scale, Softmax, .v,
+  Transpose, Reshape), becomes one ``com.microsoft.Attention`` node, which quantisation turns
+  into ``QAttention``. The head reshuffles took 13% of the int8 time (benchmarks/RESULTS.md).
+- ``split_weight_stacks``: a MatMul of a [h, M, C] activation with a constant [h, C, d] stack of
+  per-head weights becomes h two-dimensional MatMuls, which dynamic quantisation then takes.
+
+Both leave the computed function unchanged (fp32 outputs agree to rounding; tests check it).
+"""
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from keyreid.export.graph_names import FreshNames
+from keyreid.lazy import require
+
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+class _GraphIndex:
+    """Producers, consumers and constant values of a graph's tensors."""
+
+    def __init__(self, graph):
+        numpy_helper = require("onnx.numpy_helper")
+        self.graph = graph
+        self.producer = {output: node for node in graph.node for output in node.output}
+        self.consumers: Dict[str, list] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.outputs = {value.name for value in graph.output}
+        self._initializers = {init.name: init for init in graph.initializer}
+        self._to_array = numpy_helper.to_array
+
+    def constant(self, name: str) -> Optional[np.ndarray]:
+        if name in self._initializers:
+            return self._to_array(self._initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return self._to_array(node.attribute[0].t)
+        return None
+
+    def only_consumer(self, name: str, op_type: str):
+        """The single node reading ``name`` if it is an ``op_type`` and ``name`` is internal."""
+        readers = self.consumers.get(name, [])
+        if len(readers) == 1 and readers[0].op_type == op_type and name not in self.outputs:
+            return readers[0]
+        return None
+
+    def rank(self, name: str) -> Optional[int]:
+        """Rank of a tensor where its producer fixes it (Transpose, Reshape to a constant shape)."""
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Transpose":
+            return len(_attribute(node, "perm", []))
+        if node.op_type == "Reshape":
+            shape = self.constant(node.input[1])
+            return None if shape is None else int(shape.size)
+        return None
+
+
+def _attribute(node, name: str, default=None):
+    helper = require("onnx.helper")
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _slice_index(index: _GraphIndex, node) -> Optional[int]:
+    """k for ``Slice(x, [k], [k+1], axes=[0])`` (steps absent or 1), else None."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return None
+    starts, ends, axes = (index.constant(name) for name in node.input[1:4])
+    steps = index.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1)
+    if any(value is None or value.size != 1 for value in (starts, ends, axes, steps)):
+        return None
+    if int(axes.item()) != 0 or int(steps.item()) != 1 or int(ends.item()) != int(starts.item()) + 1:
+        return None
+    return int(starts.item())
+
+
+def _match_attention(index: _GraphIndex, head_transpose):
+    """The nodes of one exported self-attention around its [2, 0, 3, 1, 4] head Transpose.
+
+    Returns (nodes to remove, Attention inputs, output name, num_heads, scale) or None when any
+    step differs from the exporter's spelling, in which case the block is left as it is.
+    """
+    reshape = index.producer.get(head_transpose.input[0])
+    if reshape is None or reshape.op_type != "Reshape" or index.only_consumer(reshape.output[0], "Transpose") is None:
+        return None
+    head_shape = index.constant(reshape.input[1])
+    if head_shape is None or head_shape.size != 5 or int(head_shape[2]) != 3:
+        return None
+    num_heads, head_dim = int(head_shape[3]), int(head_shape[4])
+    bias_add = index.producer.get(reshape.input[0])
+    if bias_add is None or bias_add.op_type != "Add" or index.only_consumer(bias_add.output[0], "Reshape") is None:
+        return None
+    matmul = next((index.producer.get(name) for name in bias_add.input
+                   if index.producer.get(name) is not None and index.producer[name].op_type == "MatMul"), None)
+    bias_name = next((name for name in bias_add.input if index.constant(name) is not None), None)
+    if matmul is None or bias_name is None or index.only_consumer(matmul.output[0], "Add") is None:
+        return None
+    weight = index.constant(matmul.input[1])
+    bias = index.constant(bias_name)
+    width = 3 * num_heads * head_dim
+    if weight is None or weight.ndim != 2 or weight.shape[1] != width or bias.shape != (width,):
+        return None
+
+    slices = index.consumers.get(head_transpose.output[0], [])
+    by_index = {_slice_index(index, node): node for node in slices}
+    if len(slices) != 3 or set(by_index) != {0, 1, 2} or head_transpose.output[0] in index.outputs:
+        return None
+    squeezes = [index.only_consumer(by_index[k].output[0], "Squeeze") for k in range(3)]
+    if any(node is None for node in squeezes):
+        return None
+    query, key, value = (node.output[0] for node in squeezes)
+    key_transpose = index.only_consumer(key, "Transpose")
+    scores = index.only_consumer(query, "MatMul")
+    if key_transpose is None or list(_attribute(key_transpose, "perm", [])) != [0, 1, 3, 2] or scores is None \
+            or list(scores.input) != [query, key_transpose.output[0]]:
+        return None
+    scaling = index.only_consumer(scores.output[0], "Mul")
+    scale = None if scaling is None else index.constant(
+        next((name for name in scaling.input if name != scores.output[0]), ""))
+    if scale is None or scale.size != 1:
+        return None
+    softmax = index.only_consumer(scaling.output[0], "Softmax")
+    if softmax is None or _attribute(softmax, "axis", -1) not in (-1, 3):
+        return None
+    mixed = index.only_consumer(softmax.output[0], "MatMul")
+    if mixed is None or list(mixed.input) != [softmax.output[0], value] or len(index.consumers[value]) != 1:
+        return None
+    heads_back = index.only_consumer(mixed.output[0], "Transpose")
+    if heads_back is None or list(_attribute(heads_back, "perm", [])) != [0, 2, 1, 3]:
+        return None
+    merge = index.only_consumer(heads_back.output[0], "Reshape")
+    merged_shape = None if merge is None else index.constant(merge.input[1])
+    if merged_shape is None or merged_shape.size != 3 or int(merged_shape[2]) != num_heads * head_dim:
+        return None
+    removed = [matmul, bias_add, reshape, head_transpose, *by_index.values(), *squeezes, key_transpose, scores,
+               scaling, softmax, mixed, heads_back, merge]
+    return removed, [matmul.input[0], matmul.input[1], bias_name], merge.output[0], num_heads, float(scale.item())
+
+
+def fuse_attention(model) -> int:
+    """Replace each exported self-attention by ``com.microsoft.Attention``; returns how many."""
+    helper = require("onnx.helper")
+    graph = model.graph
+    index = _GraphIndex(graph)
+    names = FreshNames(graph)
+    removed_ids, replacement = set(), {}       # id(first node of a match) -> its Attention node
+    for node in graph.node:
+        if node.op_type != "Transpose" or list(_attribute(node, "perm", [])) != [2, 0, 3, 1, 4]:
+            continue
+        match = _match_attention(index, node)
+        if match is None:
+            continue
+        removed, inputs, output, num_heads, scale = match
+        removed_ids.update(id(part) for part in removed)
+        replacement[id(removed[0])] = helper.make_node(
+            "Attention", inputs, [output], name=names.fresh("attention"), domain=CONTRIB_DOMAIN,
+            num_heads=num_heads, scale=scale)
+    if not replacement:
+        return 0
+    kept = []
+    for node in graph.node:       # the Attention node takes its qkv MatMul's place: inputs ready
+        if id(node) in replacement:
+            kept.append(replacement[id(node)])
+        elif id(node) not in removed_ids:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    if CONTRIB_DOMAIN not in {entry.domain for entry in model.opset_import}:
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    _drop_unused_initializers(graph)
+    return len(replacement)
+
+
+def split_weight_stacks(model) -> List[str]:
+    """Rewrite MatMul([h, M, C], constant [h, C, d]) as h 2-D MatMuls; returns the new weights' names."""
+    helper, numpy_helper = require("onnx.helper"), require("onnx.numpy_helper")
+    graph = model.graph
+    index = _GraphIndex(graph)
+    names = FreshNames(graph)
+    new_nodes, new_initializers, head_weights, head_axis = [], [], [], None
+    for node in graph.node:
+        stack = index.constant(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if stack is None or stack.ndim != 3 or index.rank(node.input[0]) != 3:
+            new_nodes.append(node)
+            continue
+        if head_axis is None:
+            head_axis = numpy_helper.from_array(np.zeros(1, dtype=np.int64), names.fresh("head_axis"))
+            new_initializers.append(head_axis)
+        head_outputs = []
+        for head, head_weight in enumerate(stack):
+            position = numpy_helper.from_array(np.array(head, dtype=np.int64), names.fresh(f"{node.name}_head{head}"))
+            weight = numpy_helper.from_array(np.ascontiguousarray(head_weight),
+                                             names.fresh(f"{node.input[1]}_head{head}"))
+            new_initializers += [position, weight]
+            head_weights.append(weight.name)
+            rows, product, unsqueezed = (names.fresh(f"{node.output[0]}_{part}{head}")
+                                         for part in ("rows", "product", "head"))
+            new_nodes += [
+                helper.make_node("Gather", [node.input[0], position.name], [rows], axis=0, name=rows),
+                helper.make_node("MatMul", [rows, weight.name], [product], name=product),
+                helper.make_node("Unsqueeze", [product, head_axis.name], [unsqueezed], name=unsqueezed)]
+            head_outputs.append(unsqueezed)
+        new_nodes.append(helper.make_node("Concat", head_outputs, [node.output[0]], axis=0,
+                                          name=names.fresh(f"{node.name}_heads")))
+    if not head_weights:
+        return []
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_initializers)
+    _drop_unused_initializers(graph)
+    return head_weights
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
