@@ -37,7 +37,7 @@ def measure_case(config_name: str, seed: int, residual_scale: float, workdir: Pa
                  threads: int) -> dict:
     from keyreid.export.checkpoint import load_checkpoint, load_reference_model
     from keyreid.export.config import REDUCED, VIT_B
-    from keyreid.export.onnx_export import export_fp32, write_model_atomically
+    from keyreid.export.onnx_export import DEFAULT_OPSET, export_fp32, stamp_metadata, write_model_atomically
     from keyreid.export.precision import to_int8
     from keyreid.export.random_checkpoint import write_random_checkpoint
     from keyreid.export.verify import onnxruntime_results, reference_results
@@ -53,6 +53,7 @@ def measure_case(config_name: str, seed: int, residual_scale: float, workdir: Pa
     fp32 = export_fp32(checkpoint, "max")
     for precision in ("fp32", "int8"):
         model = fp32 if precision == "fp32" else to_int8(fp32)
+        stamp_metadata(model, checkpoint, "max", precision, DEFAULT_OPSET)    # the engine reads the cameras
         onnx_path = write_model_atomically(model, workdir / f"{path.stem}_{precision}.onnx")
         del model
         outputs[precision] = onnxruntime_results(onnx_path, feed, threads)

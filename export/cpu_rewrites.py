@@ -9,6 +9,8 @@ Runtime on CPUs, so it may use ONNX Runtime's fused contrib kernels where they a
   into ``QAttention``. The head reshuffles took 13% of the int8 time (benchmarks/RESULTS.md).
 - ``split_weight_stacks``: a MatMul of a [h, M, C] activation with a constant [h, C, d] stack of
   per-head weights becomes h two-dimensional MatMuls, which dynamic quantisation then takes.
+- ``gemms_as_matmuls``: a Gemm with a constant weight (the exporter's spelling of a 2-D linear
+  layer) becomes MatMul + Add: ONNX Runtime's dynamic quantiser takes MatMul but not Gemm.
 
 Both leave the computed function unchanged (fp32 outputs agree to rounding; tests check it).
 """
@@ -90,8 +92,8 @@ def _slice_index(index: _GraphIndex, node) -> Optional[int]:
 def _match_attention(index: _GraphIndex, head_transpose):
     """The nodes of one exported self-attention around its [2, 0, 3, 1, 4] head Transpose.
 
-    Returns (nodes to remove, Attention inputs, output name, num_heads, scale) or None when any
-    step differs from the exporter's spelling, in which case the block is left as it is.
+    Returns (nodes to remove, Attention inputs, output name, num_heads) or None when any step
+    differs from the exporter's spelling, in which case the block is left as it is.
     """
     reshape = index.producer.get(head_transpose.input[0])
     if reshape is None or reshape.op_type != "Reshape" or index.only_consumer(reshape.output[0], "Transpose") is None:
@@ -130,7 +132,8 @@ def _match_attention(index: _GraphIndex, head_transpose):
     scaling = index.only_consumer(scores.output[0], "Mul")
     scale = None if scaling is None else index.constant(
         next((name for name in scaling.input if name != scores.output[0]), ""))
-    if scale is None or scale.size != 1:
+    # Attention's default scale; QAttention, which quantisation makes of it, has no scale attribute.
+    if scale is None or scale.size != 1 or not np.isclose(float(scale.item()), head_dim ** -0.5, rtol=1e-6):
         return None
     softmax = index.only_consumer(scaling.output[0], "Softmax")
     if softmax is None or _attribute(softmax, "axis", -1) not in (-1, 3):
@@ -147,7 +150,7 @@ def _match_attention(index: _GraphIndex, head_transpose):
         return None
     removed = [matmul, bias_add, reshape, head_transpose, *by_index.values(), *squeezes, key_transpose, scores,
                scaling, softmax, mixed, heads_back, merge]
-    return removed, [matmul.input[0], matmul.input[1], bias_name], merge.output[0], num_heads, float(scale.item())
+    return removed, [matmul.input[0], matmul.input[1], bias_name], merge.output[0], num_heads
 
 
 def fuse_attention(model) -> int:
@@ -163,11 +166,11 @@ def fuse_attention(model) -> int:
         match = _match_attention(index, node)
         if match is None:
             continue
-        removed, inputs, output, num_heads, scale = match
+        removed, inputs, output, num_heads = match
         removed_ids.update(id(part) for part in removed)
         replacement[id(removed[0])] = helper.make_node(
             "Attention", inputs, [output], name=names.fresh("attention"), domain=CONTRIB_DOMAIN,
-            num_heads=num_heads, scale=scale)
+            num_heads=num_heads)
     if not replacement:
         return 0
     kept = []
@@ -222,6 +225,38 @@ def split_weight_stacks(model) -> List[str]:
     graph.initializer.extend(new_initializers)
     _drop_unused_initializers(graph)
     return head_weights
+
+
+def gemms_as_matmuls(model) -> int:
+    """Rewrite Gemm(A, constant B, C) (alpha = beta = 1, A not transposed) as MatMul + Add; returns how many."""
+    helper, numpy_helper = require("onnx.helper"), require("onnx.numpy_helper")
+    graph = model.graph
+    index = _GraphIndex(graph)
+    names = FreshNames(graph)
+    new_nodes, new_initializers = [], []
+    for node in graph.node:
+        weight = index.constant(node.input[1]) if node.op_type == "Gemm" else None
+        if weight is None or weight.ndim != 2 or _attribute(node, "transA", 0) \
+                or _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "beta", 1.0) != 1.0:
+            new_nodes.append(node)
+            continue
+        if _attribute(node, "transB", 0):
+            weight = np.ascontiguousarray(weight.T)
+        matrix = numpy_helper.from_array(weight, names.fresh(f"{node.input[1]}_matrix"))
+        new_initializers.append(matrix)
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = names.fresh(f"{node.output[0]}_product") if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], matrix.name], [product], name=names.fresh(node.name)))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                              name=names.fresh(f"{node.name}_bias")))
+    if not new_initializers:
+        return 0
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_initializers)
+    _drop_unused_initializers(graph)
+    return len(new_initializers)
 
 
 def _drop_unused_initializers(graph) -> None:

@@ -5,7 +5,7 @@ it; LayerNorm, softmax, residual adds, the part-weight op and the outputs stay f
 in the graph, so a strongly typed TensorRT build runs fp16 matmuls without builder flags.
 
 int8: for ONNX Runtime on CPUs. The graph is first rewritten for ONNX Runtime's CPU kernels
-(export/cpu_rewrites.py: fused self-attention, per-head weight stacks as 2-D products), then
+(export/cpu_rewrites.py: fused self-attention; per-head weight stacks and Gemms as 2-D MatMuls), then
 dynamically quantised: per-channel int8 weights, activations quantised at run time, for every
 product with a constant 2-D weight except the patch embedding. The custom node and its function
 body are left as they are.
@@ -64,16 +64,17 @@ def to_fp16(model):
     return model
 
 
-# Weights kept in fp32 by measurement (benchmarks/RESULTS.md section 2): a group of products stays
-# fp32 when quantising it alone costs more than 1e-4 of embedding cosine on ViT-B. Only the patch
-# embedding does (5.8e-4: its error runs through all eleven blocks; 0.7% of the arithmetic); the
-# [CLS] branches cost 0 to 3e-5. benchmarks/int8_accuracy.py checks the result on six checkpoints.
+# Weights kept in fp32 by measurement (benchmarks/RESULTS.md sections 2 and 6): a group of products
+# stays fp32 when quantising it alone costs more than 1e-4 of embedding cosine on ViT-B. Only the
+# patch embedding does (5.8e-4: its error runs through all eleven blocks; 0.7% of the arithmetic);
+# the [CLS] branches cost 0 to 3e-5, their per-head key/value weights 9e-7 (global) and 1.1e-5
+# (parts). benchmarks/int8_accuracy.py checks the result on six checkpoints.
 FP32_WEIGHTS = ("patch_weight",)
-QUANTISED_OPS = ("MatMul", "Gemm", "Attention")
+QUANTISED_OPS = ("MatMul", "Attention")     # ONNX Runtime's dynamic quantiser takes no Gemm
 
 
 def quantisable_matmuls(model) -> list:
-    """Names of the MatMul / Gemm / Attention nodes whose weight is a 2-D constant, bar ``FP32_WEIGHTS``.
+    """Names of the MatMul / Attention nodes whose weight is a 2-D constant, bar ``FP32_WEIGHTS``.
 
     The backbone blocks hold ~90% of the arithmetic; the [CLS]-only branches' products (query,
     per-head key and value weights once split into 2-D, output projection, MLP) are also
@@ -97,7 +98,7 @@ def to_int8(model):
     """ONNX Runtime dynamic quantisation (int8 MatMul weights, activations quantised at run time)."""
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
-    from keyreid.export.cpu_rewrites import fuse_attention, split_weight_stacks
+    from keyreid.export.cpu_rewrites import fuse_attention, gemms_as_matmuls, split_weight_stacks
 
     functions = list(model.functions)
     rewritten = onnx.ModelProto()
@@ -105,6 +106,7 @@ def to_int8(model):
     if not fuse_attention(rewritten):
         raise KeyreidError("int8 export found no self-attention to fuse for ONNX Runtime (exporter changed?)")
     split_weight_stacks(rewritten)
+    gemms_as_matmuls(rewritten)
     model = rewritten
     targets = quantisable_matmuls(model)
     if not targets:

@@ -32,7 +32,8 @@ heatmap modes (the checkpoint does not record which one it was trained with):
 
 verification tolerances against the reference model on sample clips:
   fp32        embedding relative error <= 1e-4, part_weights max abs error <= 1e-5
-  fp16, int8  embedding cosine >= 0.999, part_weights max abs error <= 1e-3
+  fp16        embedding cosine >= 0.999, part_weights max abs error <= 1e-3
+  int8        embedding cosine >= 0.999, part_weights max abs error <= 1e-5
 
 exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
 130 interrupted, 143 terminated (nothing written, no temporary file left)."""

@@ -49,8 +49,8 @@ checks (exit 1 when one fails):
   part_weights   max absolute error <= --part-weights-abs
   retrieval      with --min-agreement F: at least a fraction F of the clips has the same
                  top-k neighbours in the same order under both (default: only reported)
-Pass "none" to a tolerance to skip that check. fp32 engines meet the defaults; for fp16 or
-int8 engines use e.g. --tolerance-rel none --tolerance-cosine 0.999 --part-weights-abs 1e-3.
+Pass "none" to a tolerance to skip that check. fp32 engines meet the defaults; for int8 engines
+use e.g. --tolerance-rel none --tolerance-cosine 0.999, for fp16 also --part-weights-abs 1e-3.
 
 Make a reference file where torch is installed:
   python export/reference_outputs.py ckpt.pth -o ref.npz --heatmap-mode MODE

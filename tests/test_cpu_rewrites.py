@@ -6,7 +6,7 @@ import pytest
 
 from keyreid.errors import KeyreidError
 from keyreid.export.checkpoint import load_checkpoint
-from keyreid.export.cpu_rewrites import fuse_attention, split_weight_stacks
+from keyreid.export.cpu_rewrites import fuse_attention, gemms_as_matmuls, split_weight_stacks
 from keyreid.export.precision import to_int8
 from keyreid.synthetic import synthetic_feed
 
@@ -88,12 +88,27 @@ def test_per_head_weight_stacks_become_two_dimensional_products_computing_the_sa
     np.testing.assert_array_equal(actual["part_weights"], expected["part_weights"])
 
 
+def test_gemms_with_constant_weights_become_matmul_and_add_computing_the_same(fp32_model, feed):
+    gemms = [node for node in fp32_model.graph.node if node.op_type == "Gemm"]
+    assert gemms       # the exporter spells the global block's 2-D linear layers as Gemm
+    rewritten = _copy(fp32_model)
+    assert gemms_as_matmuls(rewritten) == len(gemms)
+    assert not any(node.op_type == "Gemm" for node in rewritten.graph.node)
+    expected, actual = _outputs(fp32_model, feed), _outputs(rewritten, feed)
+    assert np.abs(actual["embedding"] - expected["embedding"]).max() <= 1e-5 * np.abs(expected["embedding"]).max()
+    np.testing.assert_array_equal(actual["part_weights"], expected["part_weights"])
+
+
 def test_int8_file_quantises_fused_attention_and_head_weights_and_leaves_its_input_alone(fp32_model, config):
     before = fp32_model.SerializeToString()
     model = to_int8(fp32_model)
     assert fp32_model.SerializeToString() == before
     assert sum(node.op_type == "QAttention" for node in model.graph.node) == config.used_blocks
     assert _stack_matmuls(model) == []
+    float_matrices = {init.name for init in model.graph.initializer
+                      if len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT}
+    assert [node.input[1] for node in model.graph.node if node.op_type in ("MatMul", "Gemm")
+            and node.input[1] in float_matrices] == ["patch_weight"]      # all else is int8
     quantised_inputs = {name for node in model.graph.node if node.op_type == "MatMulInteger" for name in node.input}
     assert sum(name.endswith("_quantized") and "_head" in name for name in quantised_inputs) == 4 * config.num_heads
 
