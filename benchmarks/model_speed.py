@@ -10,6 +10,8 @@ Timing: one warm-up call, then timed calls until ``repeats`` are done or ``budge
 a reference pass of a minute, first-call set-up is noise. Building, exporting, session creation
 and input generation are never timed.
 """
+import ctypes
+import gc
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -123,6 +125,8 @@ class PeakMemory:
 
     ``added_mib`` is the process's peak during the block minus its resident size at the start,
     so an engine built and measured inside the block is charged for its weights and buffers.
+    Freed heap is first handed back to the system (glibc ``malloc_trim``): otherwise an engine
+    reuses pages the export left resident and shows next to nothing (run 5, RESULTS.md).
     None where /proc does not allow it.
     """
 
@@ -140,7 +144,16 @@ class PeakMemory:
             return None
         return None
 
+    @staticmethod
+    def _release_free_heap() -> None:
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):      # not glibc: nothing to release this way
+            pass
+
     def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        self._release_free_heap()
         self.start = self._status_mib("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as handle:
