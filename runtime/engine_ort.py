@@ -29,7 +29,8 @@ Provider = Union[str, Tuple[str, dict]]
 
 # On a CPU, a batch runs as consecutive runs of this many clips. Per clip, one clip per run
 # measured fastest for ViT-B (benchmarks/RESULTS.md, 2-core Intel Xeon: int8 12.6 clips/s at
-# batch 1 against 9.8 at batch 8; fp32 3.55 against 3.47 at 8 and 3.23 at 32): a larger batch's
+# batch 1 against 9.8 at batch 8; fp32 3.55 against 3.47 at 8 and 3.23 at 32; rechecked on the
+# fused-attention int8 file: 1, 2, 4 clips per run 15.0, 15.1, 13.8): a larger batch's
 # activations no longer fit in cache. GPU providers run whole batches, which is where they gain.
 CPU_CLIPS_PER_RUN = 1
 
