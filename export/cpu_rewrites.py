@@ -179,11 +179,9 @@ def fuse_attention(model) -> int:
             kept.append(replacement[id(node)])
         elif id(node) not in removed_ids:
             kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
+    _replace_nodes(graph, kept, [])
     if CONTRIB_DOMAIN not in {entry.domain for entry in model.opset_import}:
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
-    _drop_unused_initializers(graph)
     return len(replacement)
 
 
@@ -218,12 +216,8 @@ def split_weight_stacks(model) -> List[str]:
             head_outputs.append(unsqueezed)
         new_nodes.append(helper.make_node("Concat", head_outputs, [node.output[0]], axis=0,
                                           name=names.fresh(f"{node.name}_heads")))
-    if not head_weights:
-        return []
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_initializers)
-    _drop_unused_initializers(graph)
+    if head_weights:
+        _replace_nodes(graph, new_nodes, new_initializers)
     return head_weights
 
 
@@ -250,16 +244,16 @@ def gemms_as_matmuls(model) -> int:
         if has_bias:
             new_nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
                                               name=names.fresh(f"{node.name}_bias")))
-    if not new_initializers:
-        return 0
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_initializers)
-    _drop_unused_initializers(graph)
+    if new_initializers:
+        _replace_nodes(graph, new_nodes, new_initializers)
     return len(new_initializers)
 
 
-def _drop_unused_initializers(graph) -> None:
+def _replace_nodes(graph, nodes: list, new_initializers: list) -> None:
+    """Install the rewritten node list and the weights it added; drop weights nothing reads."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_initializers)
     used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
