@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def engines(bench_onnx, tmp_path_factory):
+def engines(bench_onnx, bench_checkpoint, tmp_path_factory):
     from keyreid.runtime.engines import open_engine
     from keyreid.runtime.serve_triton import triton_server
 
@@ -35,8 +35,10 @@ def engines(bench_onnx, tmp_path_factory):
         # No queue delay: a lone caller should not wait for company that never comes.
         with triton_server(local, grpc_port=grpc_port, http_port=http_port, max_batch=MAX_BATCH,
                            max_queue_delay_us=0, workspace=tmp_path_factory.mktemp("bench_triton") / "w"):
-            with open_engine(f"grpc://127.0.0.1:{grpc_port}/keyreid") as grpc_engine, \
-                    open_engine(f"http://127.0.0.1:{http_port}/keyreid") as http_engine:
+            # The server publishes no camera count, so clients name it (README, Triton section).
+            cameras = bench_checkpoint.config.num_cameras
+            with open_engine(f"grpc://127.0.0.1:{grpc_port}/keyreid", num_cameras=cameras) as grpc_engine, \
+                    open_engine(f"http://127.0.0.1:{http_port}/keyreid", num_cameras=cameras) as http_engine:
                 yield {"local onnx fp32": local, "triton grpc": grpc_engine, "triton http": http_engine}
 
 

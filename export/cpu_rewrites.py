@@ -12,7 +12,7 @@ Runtime on CPUs, so it may use ONNX Runtime's fused contrib kernels where they a
 - ``gemms_as_matmuls``: a Gemm with a constant weight (the exporter's spelling of a 2-D linear
   layer) becomes MatMul + Add: ONNX Runtime's dynamic quantiser takes MatMul but not Gemm.
 
-Both leave the computed function unchanged (fp32 outputs agree to rounding; tests check it).
+All three leave the computed function unchanged (fp32 outputs agree to rounding; tests check it).
 """
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -30,13 +30,14 @@ class _GraphIndex:
 
     def __init__(self, graph):
         numpy_helper = require("onnx.numpy_helper")
-        self.graph = graph
         self.producer = {output: node for node in graph.node for output in node.output}
         self.consumers: Dict[str, list] = defaultdict(list)
         for node in graph.node:
             for name in node.input:
                 self.consumers[name].append(node)
         self.outputs = {value.name for value in graph.output}
+        self._declared = {value.name: value for value in list(graph.value_info) + list(graph.input)
+                          + list(graph.output)}
         self._initializers = {init.name: init for init in graph.initializer}
         self._to_array = numpy_helper.to_array
 
@@ -55,17 +56,13 @@ class _GraphIndex:
             return readers[0]
         return None
 
-    def rank(self, name: str) -> Optional[int]:
-        """Rank of a tensor where its producer fixes it (Transpose, Reshape to a constant shape)."""
-        node = self.producer.get(name)
-        if node is None:
+    def shape(self, name: str) -> Optional[tuple]:
+        """A tensor's declared shape (the exporter's value_info): ints, names of symbolic dims, None."""
+        value = self._declared.get(name)
+        if value is None or not value.type.tensor_type.HasField("shape"):
             return None
-        if node.op_type == "Transpose":
-            return len(_attribute(node, "perm", []))
-        if node.op_type == "Reshape":
-            shape = self.constant(node.input[1])
-            return None if shape is None else int(shape.size)
-        return None
+        return tuple(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+                     for dim in value.type.tensor_type.shape.dim)
 
 
 def _attribute(node, name: str, default=None):
@@ -102,6 +99,7 @@ def _match_attention(index: _GraphIndex, head_transpose):
     if head_shape is None or head_shape.size != 5 or int(head_shape[2]) != 3:
         return None
     num_heads, head_dim = int(head_shape[3]), int(head_shape[4])
+    length = int(head_shape[1])
     bias_add = index.producer.get(reshape.input[0])
     if bias_add is None or bias_add.op_type != "Add" or index.only_consumer(bias_add.output[0], "Reshape") is None:
         return None
@@ -114,6 +112,11 @@ def _match_attention(index: _GraphIndex, head_transpose):
     bias = index.constant(bias_name)
     width = 3 * num_heads * head_dim
     if weight is None or weight.ndim != 2 or weight.shape[1] != width or bias.shape != (width,):
+        return None
+    # Attention takes [batch, sequence, width] and attends over the whole sequence: the heads
+    # must be cut from that layout, [-1, sequence, 3, h, d], and not from windows of it.
+    rows = index.shape(matmul.input[0])
+    if rows is None or len(rows) != 3 or rows[1] != length or int(head_shape[0]) != -1:
         return None
 
     slices = index.consumers.get(head_transpose.output[0], [])
@@ -146,7 +149,7 @@ def _match_attention(index: _GraphIndex, head_transpose):
         return None
     merge = index.only_consumer(heads_back.output[0], "Reshape")
     merged_shape = None if merge is None else index.constant(merge.input[1])
-    if merged_shape is None or merged_shape.size != 3 or int(merged_shape[2]) != num_heads * head_dim:
+    if merged_shape is None or [int(value) for value in merged_shape] != [-1, length, num_heads * head_dim]:
         return None
     removed = [matmul, bias_add, reshape, head_transpose, *by_index.values(), *squeezes, key_transpose, scores,
                scaling, softmax, mixed, heads_back, merge]
@@ -159,7 +162,7 @@ def fuse_attention(model) -> int:
     graph = model.graph
     index = _GraphIndex(graph)
     names = FreshNames(graph)
-    removed_ids, replacement = set(), {}       # id(first node of a match) -> its Attention node
+    removed_ids, replacement = set(), {}       # id(last node of a match) -> its Attention node
     for node in graph.node:
         if node.op_type != "Transpose" or list(_attribute(node, "perm", [])) != [2, 0, 3, 1, 4]:
             continue
@@ -168,13 +171,13 @@ def fuse_attention(model) -> int:
             continue
         removed, inputs, output, num_heads = match
         removed_ids.update(id(part) for part in removed)
-        replacement[id(removed[0])] = helper.make_node(
+        replacement[id(removed[-1])] = helper.make_node(
             "Attention", inputs, [output], name=names.fresh("attention"), domain=CONTRIB_DOMAIN,
             num_heads=num_heads)
     if not replacement:
         return 0
     kept = []
-    for node in graph.node:       # the Attention node takes its qkv MatMul's place: inputs ready
+    for node in graph.node:       # the Attention node takes the merge Reshape's place: inputs ready
         if id(node) in replacement:
             kept.append(replacement[id(node)])
         elif id(node) not in removed_ids:
@@ -194,7 +197,10 @@ def split_weight_stacks(model) -> List[str]:
     new_nodes, new_initializers, head_weights, head_axis = [], [], [], None
     for node in graph.node:
         stack = index.constant(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if stack is None or stack.ndim != 3 or index.rank(node.input[0]) != 3:
+        rows = index.shape(node.input[0])
+        # Only a batch of h matrices against h weights: no broadcasting either way.
+        if stack is None or stack.ndim != 3 or stack.shape[0] < 2 or rows is None or len(rows) != 3 \
+                or rows[0] != stack.shape[0]:
             new_nodes.append(node)
             continue
         if head_axis is None:
@@ -250,11 +256,11 @@ def gemms_as_matmuls(model) -> int:
 
 
 def _replace_nodes(graph, nodes: list, new_initializers: list) -> None:
-    """Install the rewritten node list and the weights it added; drop weights nothing reads."""
+    """Install the rewritten node list and the weights it added; drop constants nothing reads."""
+    used = {name for node in nodes for name in node.input} | {value.name for value in graph.output}
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(node for node in nodes if node.op_type != "Constant" or node.output[0] in used)
     graph.initializer.extend(new_initializers)
-    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -73,7 +73,7 @@ FP32_WEIGHTS = ("patch_weight",)
 QUANTISED_OPS = ("MatMul", "Attention")     # ONNX Runtime's dynamic quantiser takes no Gemm
 
 
-def quantisable_matmuls(model) -> list:
+def quantisable_products(model) -> list:
     """Names of the MatMul / Attention nodes whose weight is a 2-D constant, bar ``FP32_WEIGHTS``.
 
     The backbone blocks hold ~90% of the arithmetic; the [CLS]-only branches' products (query,
@@ -95,7 +95,8 @@ def quantisable_matmuls(model) -> list:
 
 
 def to_int8(model):
-    """ONNX Runtime dynamic quantisation (int8 MatMul weights, activations quantised at run time)."""
+    """The int8 file: ``model`` rewritten for ONNX Runtime's CPU kernels (export/cpu_rewrites.py,
+    on a copy), then dynamically quantised (int8 weights, activations quantised at run time)."""
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
     from keyreid.export.cpu_rewrites import fuse_attention, gemms_as_matmuls, split_weight_stacks
@@ -108,7 +109,7 @@ def to_int8(model):
     split_weight_stacks(rewritten)
     gemms_as_matmuls(rewritten)
     model = rewritten
-    targets = quantisable_matmuls(model)
+    targets = quantisable_products(model)
     if not targets:
         raise KeyreidError("int8 quantisation found no MatMul with a constant weight (exporter changed?)")
     with tempfile.TemporaryDirectory() as scratch:

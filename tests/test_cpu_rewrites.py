@@ -122,3 +122,73 @@ def test_int8_export_says_so_when_the_graph_has_no_attention_to_fuse(fp32_model)
             node.attribute.extend([onnx.helper.make_attribute("perm", [0, 1, 2, 3, 4])])
     with pytest.raises(KeyreidError, match="no self-attention"):
         to_int8(rewritten)
+
+
+def _give_own_constant(model, node, position, value):
+    """Point one input of one node at a fresh initializer (the exporter shares equal constants)."""
+    name = f"{node.name}_own_{position}"
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    node.input[position] = name
+
+
+def test_heads_cut_from_windows_or_scaled_otherwise_are_not_fused(fp32_model, config, used_blocks):
+    windowed = _copy(fp32_model)       # valid graph, but attention over 43-row windows
+    head_dim = config.embed_dim // config.num_heads
+    heads = next(node for node in windowed.graph.node if _perm(node) == [HEAD_TRANSPOSE])
+    reshape = next(node for node in windowed.graph.node if heads.input[0] in node.output)
+    _give_own_constant(windowed, reshape, 1, np.array([-1, 43, 3, config.num_heads, head_dim], np.int64))
+    assert fuse_attention(windowed) == used_blocks - 1
+
+    rescaled = _copy(fp32_model)
+    scaling = next(node for node in rescaled.graph.node
+                   if node.op_type == "Mul" and any(reader.op_type == "Softmax" for reader in rescaled.graph.node
+                                                    if node.output[0] in reader.input))
+    _give_own_constant(rescaled, scaling, 1, np.array(0.2, np.float32))
+    assert fuse_attention(rescaled) == used_blocks - 1
+
+
+def _tiny_model(nodes, inputs, outputs, initializers, value_info=()):
+    graph = onnx.helper.make_graph(nodes, "tiny", inputs, outputs, initializers, value_info=list(value_info))
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+def _tensor(name, shape):
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+
+
+def _run_tiny(model, feed):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+@pytest.mark.parametrize("rows_shape, stack_shape, split", [
+    ((3, 5, 4), (3, 4, 2), True), ((3, 5, 4), (1, 4, 2), False), ((1, 5, 4), (3, 4, 2), False)])
+def test_weight_stacks_split_only_without_broadcasting(rows_shape, stack_shape, split):
+    rng = np.random.default_rng(0)
+    stack = onnx.numpy_helper.from_array(rng.standard_normal(stack_shape).astype(np.float32), "stack")
+    out_shape = (max(rows_shape[0], stack_shape[0]), rows_shape[1], stack_shape[2])
+    model = _tiny_model([onnx.helper.make_node("Transpose", ["x"], ["rows"], perm=[0, 1, 2]),
+                         onnx.helper.make_node("MatMul", ["rows", "stack"], ["y"], name="product")],
+                        [_tensor("x", rows_shape)], [_tensor("y", out_shape)], [stack],
+                        [_tensor("rows", rows_shape)])
+    feed = {"x": rng.standard_normal(rows_shape).astype(np.float32)}
+    expected = _run_tiny(model, feed)
+    assert bool(split_weight_stacks(model)) == split
+    np.testing.assert_allclose(_run_tiny(model, feed), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("attributes, bias_shape, rewritten", [
+    ({"transB": 1}, (3,), True), ({"transB": 0}, (1, 3), True), ({}, (4, 1), True),
+    ({"alpha": 2.0}, (3,), False), ({"transA": 1}, (3,), False)])
+def test_gemm_rewrite_keeps_the_function_and_leaves_scaled_or_transposed_a_alone(attributes, bias_shape, rewritten):
+    rng = np.random.default_rng(1)
+    weight_shape = (3, 5) if attributes.get("transB") else (5, 3)
+    a_shape = (5, 4) if attributes.get("transA") else (4, 5)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal(weight_shape).astype(np.float32), "weight")
+    bias = onnx.numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "bias")
+    model = _tiny_model([onnx.helper.make_node("Gemm", ["a", "weight", "bias"], ["y"], name="linear", **attributes)],
+                        [_tensor("a", a_shape)], [_tensor("y", (4, 3))], [weight, bias])
+    feed = {"a": rng.standard_normal(a_shape).astype(np.float32)}
+    expected = _run_tiny(model, feed)
+    assert gemms_as_matmuls(model) == int(rewritten)
+    assert any(node.op_type == "Gemm" for node in model.graph.node) != rewritten
+    np.testing.assert_allclose(_run_tiny(model, feed), expected, rtol=1e-6, atol=1e-6)
