@@ -213,11 +213,11 @@ def split_weight_stacks(model) -> List[str]:
                                              names.fresh(f"{node.input[1]}_head{head}"))
             new_initializers += [position, weight]
             head_weights.append(weight.name)
-            rows, product, unsqueezed = (names.fresh(f"{node.output[0]}_{part}{head}")
-                                         for part in ("rows", "product", "head"))
+            head_rows, product, unsqueezed = (names.fresh(f"{node.output[0]}_{part}{head}")
+                                              for part in ("rows", "product", "head"))
             new_nodes += [
-                helper.make_node("Gather", [node.input[0], position.name], [rows], axis=0, name=rows),
-                helper.make_node("MatMul", [rows, weight.name], [product], name=product),
+                helper.make_node("Gather", [node.input[0], position.name], [head_rows], axis=0, name=head_rows),
+                helper.make_node("MatMul", [head_rows, weight.name], [product], name=product),
                 helper.make_node("Unsqueeze", [product, head_axis.name], [unsqueezed], name=unsqueezed)]
             head_outputs.append(unsqueezed)
         new_nodes.append(helper.make_node("Concat", head_outputs, [node.output[0]], axis=0,
