@@ -3,6 +3,7 @@
 Speed itself is never asserted here: benchmarks/ measures, tests only check that it can.
 """
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +81,13 @@ def test_int8_accuracy_script_measures_a_checkpoint(tmp_path):
     assert row["int8_min_cosine"] >= MIN_COSINE and row["int8_part_weights_max_diff"] <= MAX_PART_WEIGHT_DIFF
     assert row["fp32_max_rel_error"] < 1e-5
     assert list(tmp_path.iterdir()) == []       # checkpoint and models are removed once measured
+
+
+def test_pytest_benchmark_suite_runs_once_through():
+    """Every bench_*.py runs one round on the reduced model: a benchmark that rots fails here."""
+    result = subprocess.run([sys.executable, "-m", "pytest", str(BENCHMARKS), "-q", "--benchmark-only",
+                             "--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off",
+                             "-p", "no:cacheprovider"], cwd=BENCHMARKS.parent, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
