@@ -73,4 +73,27 @@ def gemm_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict:
             session.run(None, feed)
             times.append(time.perf_counter() - start)
         rates[f"{precision}_ops_per_s"] = 2 * size ** 3 / statistics.median(times)
+    rates["torch_fp32_ops_per_s"] = _torch_fp32_rate(threads, size, repeats)
     return rates
+
+
+def _torch_fp32_rate(threads: int, size: int, repeats: int):
+    """torch's fp32 matmul (oneDNN / MKL on x86) on the same matrices: what the reference model
+    multiplies with, so its share of the ONNX Runtime limit can be read. None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    import statistics
+    import time
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times)

@@ -177,8 +177,10 @@ def measure_part_weight_op(feeds: dict, threads: int, heatmap_mode: str, repeats
 
 
 def limit_line(rates: dict) -> str:
+    torch_rate = rates.get("torch_fp32_ops_per_s")
+    torch_note = f"; torch fp32 {torch_rate / 1e9:.0f} GFLOP/s, what the reference runs on" if torch_rate else ""
     return (f"fp32 GEMM {rates['fp32_ops_per_s'] / 1e9:.0f} GFLOP/s, int8 GEMM {rates['int8_ops_per_s'] / 1e9:.0f} GOP/s "
-            f"({rates['size']}^2 matrices, ONNX Runtime, {rates['threads']} threads)")
+            f"({rates['size']}^2 matrices, ONNX Runtime, {rates['threads']} threads{torch_note})")
 
 
 def annotate(engines: dict, arithmetic: dict, limits: dict) -> None:
@@ -274,6 +276,8 @@ def main(argv=None) -> int:
     # measurement can land in a busy moment and make every engine look faster than its limit.
     limit = {key: max(entry[key] for entry in limits) for key in ("fp32_ops_per_s", "int8_ops_per_s")}
     limit.update(size=limits[0]["size"], threads=args.threads, measurements=limits)
+    torch_rates = [entry["torch_fp32_ops_per_s"] for entry in limits if entry.get("torch_fp32_ops_per_s")]
+    limit["torch_fp32_ops_per_s"] = max(torch_rates) if torch_rates else None     # context, not a limit
     annotate(engines, arithmetic, limit)
 
     print()
