@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help="fp32: exact; fp16: fp16 weights and matmuls for GPUs/TensorRT "
                              "(LayerNorm, softmax, the op and outputs stay fp32); int8: ONNX "
-                             "Runtime dynamic quantisation for CPUs (default: fp32)")
+                             "Runtime on CPUs only (fused attention, dynamic quantisation) (default: fp32)")
     parser.add_argument("--opset", type=int, default=None,
                         help=f"ONNX opset of the standard ops (default: {ONNX_OPSET}, the lowest supported)")
     parser.add_argument("--no-verify", action="store_true",
