@@ -60,21 +60,23 @@ def gemm_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict:
     """This machine's matrix-product limits with ``threads`` threads: median of ``repeats``
     products of square ``size`` matrices, in operations per second (2 per multiply-add) for
     both fp32 and int8 so the two share a unit."""
-    import statistics
-    import time
-
     rates = {"size": size, "threads": threads}
     for precision in ("fp32", "int8"):
         session, feed = gemm_session(precision, threads, size)
-        session.run(None, feed)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-        rates[f"{precision}_ops_per_s"] = 2 * size ** 3 / statistics.median(times)
+        rates[f"{precision}_ops_per_s"] = _square_product_rate(lambda: session.run(None, feed), size, repeats)
     rates["torch_fp32_ops_per_s"] = _torch_fp32_rate(threads, size, repeats)
     return rates
+
+
+def _square_product_rate(product, size: int, repeats: int) -> float:
+    """Operations per second of ``product()``, one size x size matrix product: a warm-up, then
+    the median of ``repeats`` calls."""
+    import math
+    import statistics
+
+    from model_speed import timed_calls
+
+    return 2 * size ** 3 / statistics.median(timed_calls(product, repeats, budget_s=math.inf))
 
 
 def _torch_fp32_rate(threads: int, size: int, repeats: int):
@@ -84,16 +86,7 @@ def _torch_fp32_rate(threads: int, size: int, repeats: int):
         import torch
     except ImportError:
         return None
-    import statistics
-    import time
-
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
-    torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times)
+    return _square_product_rate(lambda: torch.matmul(a, b), size, repeats)

@@ -41,13 +41,22 @@ class _GraphIndex:
         self._initializers = {init.name: init for init in graph.initializer}
         self._to_array = numpy_helper.to_array
 
-    def constant(self, name: str) -> Optional[np.ndarray]:
+    def _constant_tensor(self, name: str):
         if name in self._initializers:
-            return self._to_array(self._initializers[name])
+            return self._initializers[name]
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
-            return self._to_array(node.attribute[0].t)
+            return node.attribute[0].t
         return None
+
+    def constant(self, name: str) -> Optional[np.ndarray]:
+        tensor = self._constant_tensor(name)
+        return None if tensor is None else self._to_array(tensor)
+
+    def constant_dims(self, name: str) -> Optional[tuple]:
+        """Shape of a constant without converting it (ViT-B weights are up to 151 MB)."""
+        tensor = self._constant_tensor(name)
+        return None if tensor is None else tuple(tensor.dims)
 
     def only_consumer(self, name: str, op_type: str):
         """The single node reading ``name`` if it is an ``op_type`` and ``name`` is internal."""
@@ -105,13 +114,12 @@ def _match_attention(index: _GraphIndex, head_transpose):
         return None
     matmul = next((index.producer.get(name) for name in bias_add.input
                    if index.producer.get(name) is not None and index.producer[name].op_type == "MatMul"), None)
-    bias_name = next((name for name in bias_add.input if index.constant(name) is not None), None)
+    bias_name = next((name for name in bias_add.input if index.constant_dims(name) is not None), None)
     if matmul is None or bias_name is None or index.only_consumer(matmul.output[0], "Add") is None:
         return None
-    weight = index.constant(matmul.input[1])
-    bias = index.constant(bias_name)
+    weight = index.constant_dims(matmul.input[1])
     width = 3 * num_heads * head_dim
-    if weight is None or weight.ndim != 2 or weight.shape[1] != width or bias.shape != (width,):
+    if weight is None or len(weight) != 2 or weight[1] != width or index.constant_dims(bias_name) != (width,):
         return None
     # Attention takes [batch, sequence, width] and attends over the whole sequence: the heads
     # must be cut from that layout, [-1, sequence, 3, h, d], and not from windows of it.
@@ -196,7 +204,8 @@ def split_weight_stacks(model) -> List[str]:
     names = FreshNames(graph)
     new_nodes, new_initializers, head_weights, head_axis = [], [], [], None
     for node in graph.node:
-        stack = index.constant(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        is_stack = node.op_type == "MatMul" and len(node.input) == 2 and len(index.constant_dims(node.input[1]) or ()) == 3
+        stack = index.constant(node.input[1]) if is_stack else None
         rows = index.shape(node.input[0])
         # Only a batch of h matrices against h weights: no broadcasting either way.
         if stack is None or stack.ndim != 3 or stack.shape[0] < 2 or rows is None or len(rows) != 3 \
