@@ -63,8 +63,12 @@ def export_fp32(checkpoint, heatmap_mode: str, opset: int = DEFAULT_OPSET):
     return attach_part_pool_function(proto, heatmap_mode)
 
 
-def stamp_metadata(model, checkpoint, heatmap_mode: str, precision: str, opset: int) -> None:
-    """metadata_props the runtime reads back (cameras) and a user audits (provenance)."""
+def stamp_metadata(model, checkpoint, heatmap_mode: str, precision: str, opset: int,
+                   int8_target: Optional[str] = None) -> None:
+    """metadata_props the runtime reads back (cameras, an int8 file's target CPU) and a user
+    audits (provenance). ``int8_target`` is required for an int8 model: the one ``to_int8`` used."""
+    from keyreid.int8_targets import recipe_metadata
+
     config = checkpoint.config
     entries = {
         "keyreid_version": __version__, "heatmap_mode": heatmap_mode, "precision": precision,
@@ -73,6 +77,10 @@ def stamp_metadata(model, checkpoint, heatmap_mode: str, precision: str, opset: 
         "clip_frames": str(CLIP_FRAMES), "num_keypoints": str(NUM_KEYPOINTS),
         "checkpoint_sha256": checkpoint.sha256, "checkpoint_name": checkpoint.path.name,
     }
+    if precision == "int8":
+        if int8_target is None:
+            raise KeyreidError("an int8 model's metadata needs the target CPU its weights were made for")
+        entries.update(recipe_metadata(int8_target))
     del model.metadata_props[:]
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
@@ -96,7 +104,7 @@ def write_model_atomically(model, output: Path) -> Path:
 
 def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
                  precision: Precision = DEFAULT_PRECISION, opset: int = DEFAULT_OPSET,
-                 step: Optional[Callable[[str], None]] = None):
+                 step: Optional[Callable[[str], None]] = None, target_cpu: Optional[str] = None):
     """The finished, checked ModelProto for a loaded Checkpoint (not yet written).
 
     Args:
@@ -105,11 +113,16 @@ def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
         precision: fp32 (exact), fp16 (GPUs) or int8 (ONNX Runtime dynamic quantisation, CPUs).
         opset: default-domain ONNX opset, at least ONNX_OPSET.
         step: called with a sentence before each slow step (progress lines).
+        target_cpu: int8 only: the CPU class the weights are made for (avx2, vnni, amx; None or
+            "auto": this machine's; see keyreid/int8_targets.py).
     """
-    from keyreid.export.precision import to_fp16, to_int8
+    from keyreid.export.precision import resolve_int8_target, to_fp16, to_int8
 
     if precision not in PRECISIONS:
         raise KeyreidError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if target_cpu not in (None, "auto") and precision != "int8":
+        raise KeyreidError(f"a target CPU applies to int8 models only, not {precision}")
+    int8_target = resolve_int8_target(target_cpu) if precision == "int8" else None
     step = step or (lambda message: None)
     step(f"tracing the deploy graph (opset {opset}, heatmap mode {heatmap_mode})")
     model = export_fp32(checkpoint, heatmap_mode, opset)
@@ -117,9 +130,9 @@ def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
         step("casting weights and matmuls to fp16")
         model = to_fp16(model)
     elif precision == "int8":
-        step("quantising matmul weights to int8 (ONNX Runtime dynamic quantisation)")
-        model = to_int8(model)
-    stamp_metadata(model, checkpoint, heatmap_mode, precision, opset)
+        step(f"quantising matmul weights to int8 for {int8_target} CPUs (ONNX Runtime dynamic quantisation)")
+        model = to_int8(model, int8_target)
+    stamp_metadata(model, checkpoint, heatmap_mode, precision, opset, int8_target)
     step("checking the model (onnx.checker, full check)")
     check_model(model)
     return model

@@ -8,15 +8,20 @@ int8: for ONNX Runtime on CPUs. The graph is first rewritten for ONNX Runtime's 
 (export/cpu_rewrites.py: fused self-attention; per-head weight stacks and Gemms as 2-D MatMuls), then
 dynamically quantised: per-channel int8 weights, activations quantised at run time, for every
 product with a constant 2-D weight except the patch embedding. The custom node and its function
-body are left as they are.
+body are left as they are. The activation codes follow the target CPU class
+(keyreid/int8_targets.py): 0..127 for AVX2-only CPUs, whose 16-bit pair sums full codes can
+saturate (export/narrow_activations.py), 0..255 for VNNI and AMX.
 """
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from keyreid.contract import OP_DOMAIN, OP_NAME
+from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
+from keyreid.int8_targets import FULL_ACTIVATION_MAX, RECIPES, check_target, target_for
 from keyreid.export.graph_names import FreshNames
 from keyreid.lazy import require
 
@@ -94,13 +99,32 @@ def quantisable_products(model) -> list:
     return names
 
 
-def to_int8(model):
+def resolve_int8_target(target_cpu: Optional[str] = None) -> str:
+    """``target_cpu`` checked, or for None / "auto" the class of the CPU this runs on."""
+    if target_cpu in (None, "auto"):
+        return target_for(cpu_isa())
+    try:
+        return check_target(target_cpu)
+    except ValueError as exc:
+        raise KeyreidError(f"{exc} (or auto)") from None
+
+
+def to_int8(model, target_cpu: Optional[str] = None):
     """The int8 file: ``model`` rewritten for ONNX Runtime's CPU kernels (export/cpu_rewrites.py,
-    on a copy), then dynamically quantised (int8 weights, activations quantised at run time)."""
+    on a copy), then dynamically quantised (int8 weights, activations quantised at run time).
+
+    Args:
+        model: the fp32 ModelProto (left unchanged).
+        target_cpu: one of keyreid.int8_targets.TARGET_CPUS (avx2: 7-bit activations; vnni, amx:
+            8-bit), or None / "auto" for this machine's class. Record it with
+            ``stamp_metadata(..., int8_target=...)``.
+    """
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
     from keyreid.export.cpu_rewrites import fuse_attention, gemms_as_matmuls, split_weight_stacks
+    from keyreid.export.narrow_activations import narrow_dynamic_quantisation
 
+    recipe = RECIPES[resolve_int8_target(target_cpu)]
     functions = list(model.functions)
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)       # the caller's fp32 model stays as it was
@@ -116,8 +140,8 @@ def to_int8(model):
         source, target = Path(scratch) / "fp32.onnx", Path(scratch) / "int8.onnx"
         onnx.save_model(model, str(source))
         try:
-            # reduce_range (7-bit weights) only avoids overflow on CPUs without VNNI; full 8 bits
-            # halve the weight error (embedding cosine 0.9990 -> 0.9997 on ViT-B).
+            # Full 8-bit weights (reduce_range=False) for every target: the AVX2 target narrows the
+            # activations instead, which measured far cheaper (keyreid/int8_targets.py).
             quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
                                           op_types_to_quantize=list(QUANTISED_OPS), per_channel=True,
                                           reduce_range=False, nodes_to_quantize=targets,
@@ -128,6 +152,8 @@ def to_int8(model):
         except Exception as exc:  # the quantiser raises bare exceptions on graphs it cannot handle
             raise KeyreidError(f"int8 quantisation failed: {exc}") from exc
         quantized = onnx.load_model(str(target))
+    if recipe.activation_max != FULL_ACTIVATION_MAX and not narrow_dynamic_quantisation(quantized):
+        raise KeyreidError("int8 quantisation left no DynamicQuantizeLinear to narrow (quantiser changed?)")
     present = {(function.domain, function.name) for function in quantized.functions}
     for function in functions:
         if (function.domain, function.name) not in present:

@@ -1,7 +1,8 @@
 """Turn a trained KeyRe-ID checkpoint into an ONNX model (SPEC section 6).
 
     python export/to_onnx.py ckpt.pth [--output model.onnx] [--heatmap-mode max|mean|blank]
-                             [--precision fp32|fp16|int8] [--opset N] [--no-verify]
+                             [--precision fp32|fp16|int8] [--target-cpu auto|avx2|vnni|amx]
+                             [--opset N] [--no-verify]
 
 The model is written to a temporary file, checked by running it in ONNX Runtime against the
 reference model (unless --no-verify), and only then renamed into place.
@@ -15,6 +16,8 @@ from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, HEATMAP_MODES, ONNX_OPSET, PRECISIONS
 from keyreid.errors import KeyreidError
 from keyreid.files import atomic_output, check_distinct_outputs, check_writable
+from keyreid.cpu_features import cpu_isa
+from keyreid.int8_targets import TARGET_CPUS, TARGET_KEY
 
 DESCRIPTION = """\
 Export a KeyRe-ID checkpoint (the upstream model's state_dict, or {'model': ...} /
@@ -35,6 +38,14 @@ verification tolerances against the reference model on sample clips:
   fp16        embedding cosine >= 0.999, part_weights max abs error <= 1e-3
   int8        embedding cosine >= 0.999, part_weights max abs error <= 1e-5
 
+int8 target CPUs (--target-cpu; recorded in the file, checked by the runtime):
+  avx2   7-bit weights: exact on every x86 CPU, including AVX2-only ones whose int8 kernels
+         add product pairs in saturating 16-bit registers
+  vnni   8-bit weights, for CPUs with AVX-512 VNNI or AVX-VNNI (32-bit sums); on an AVX2-only
+         CPU the runtime keeps them exact on ONNX Runtime's slower u8 x u8 path, and says so
+  amx    8-bit weights, for Intel CPUs with AMX
+  auto   this machine's class (the default); the verification runs on this machine
+
 exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
 130 interrupted, 143 terminated (nothing written, no temporary file left)."""
 
@@ -52,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fp32: exact; fp16: fp16 weights and matmuls for GPUs/TensorRT "
                              "(LayerNorm, softmax, the op and outputs stay fp32); int8: ONNX "
                              "Runtime on CPUs only (fused attention, dynamic quantisation) (default: fp32)")
+    parser.add_argument("--target-cpu", choices=("auto",) + TARGET_CPUS, default=None,
+                        help="int8 only: the CPU class the file is made for (default: auto, this "
+                             "machine's; see below)")
     parser.add_argument("--opset", type=int, default=None,
                         help=f"ONNX opset of the standard ops (default: {ONNX_OPSET}, the lowest supported)")
     parser.add_argument("--no-verify", action="store_true",
@@ -63,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.target_cpu is not None and args.precision != "int8":
+        parser.error(f"--target-cpu applies to --precision int8 only, not {args.precision}")
     quiet_third_party_logs()
     from keyreid.export.checkpoint import load_checkpoint, load_reference_model
     from keyreid.export.onnx_export import DEFAULT_OPSET, export_model, write_model_atomically
@@ -86,12 +103,15 @@ def main(argv=None) -> int:
         print(f"      width {config.embed_dim}, {config.depth} blocks, {config.num_cameras} cameras, "
               f"{config.num_identities} training identities -> {config.embedding_dim}-d embeddings",
               file=sys.stderr)
-    model = export_model(checkpoint, args.heatmap_mode, args.precision, opset, step=steps)
+    model = export_model(checkpoint, args.heatmap_mode, args.precision, opset, step=steps,
+                         target_cpu=args.target_cpu)
     # Verify the bytes that will be installed, then rename them into place.
     with atomic_output(output) as staging:
         write_model_atomically(model, staging)
         if not args.no_verify:
             steps(f"verifying against the reference model in ONNX Runtime ({args.verify_clips} clips)")
+            if not args.quiet:
+                print(f"      on {cpu_isa().describe()}", file=sys.stderr)
             report = verify_onnx(staging, load_reference_model(checkpoint), args.heatmap_mode,
                                  args.precision, args.verify_clips)
             steps.done()
@@ -101,7 +121,10 @@ def main(argv=None) -> int:
                                    f"nothing was written. Re-run with --no-verify to keep it anyway")
     steps.done()
     size = output.stat().st_size / 2 ** 20
-    print(f"wrote {output} ({size:.1f} MiB, {args.precision}, heatmap mode {args.heatmap_mode}, opset {opset})")
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    made_for = f" for {metadata[TARGET_KEY]} CPUs" if TARGET_KEY in metadata else ""
+    print(f"wrote {output} ({size:.1f} MiB, {args.precision}{made_for}, heatmap mode {args.heatmap_mode}, "
+          f"opset {opset})")
     return 0
 
 

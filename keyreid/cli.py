@@ -11,9 +11,10 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Callable, Optional, Sequence
 
-from keyreid.errors import KeyreidError
+from keyreid.errors import KeyreidError, KeyreidWarning
 
 
 class Terminated(KeyboardInterrupt):
@@ -24,11 +25,24 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _one_line_warnings(show_other):
+    """``warnings.showwarning`` that prints a KeyreidWarning as one ``warning: ...`` line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, KeyreidWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+    return show
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a CLI's ``main``: one-line errors, exit 1; interrupted, exit 130 (SIGINT) or 143 (SIGTERM)."""
+    """Run a CLI's ``main``: one-line errors, exit 1; interrupted, exit 130 (SIGINT) or 143 (SIGTERM);
+    KeyreidWarnings as one-line ``warning:`` messages."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    show_warning = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(show_warning)
     try:
         return main(argv)
     except KeyreidError as exc:
@@ -39,6 +53,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     finally:
+        warnings.showwarning = show_warning
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

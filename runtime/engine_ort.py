@@ -10,12 +10,17 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from keyreid.errors import KeyreidError
+from keyreid.cpu_features import cpu_isa
+from keyreid.errors import KeyreidError, warn_once
+from keyreid.int8_targets import file_recipe, int8_cpu_mismatch, needs_exact_u8u8_path
 from keyreid.lazy import require
 from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras
 
 # Most preferred first; only the ones onnxruntime reports as available are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+# ONNX Runtime's session option for its exact u8 x u8 int8 path (keyreid/int8_targets.py says why).
+EXACT_INT8_OPTION = "session.x64quantprecision"
 
 # ONNX Runtime type strings -> NumPy dtypes (only the ones a KeyRe-ID model could plausibly hold).
 _ORT_DTYPES = {
@@ -114,23 +119,35 @@ class OrtEngine(Engine):
         if self._inter_op_threads is not None:
             options.inter_op_num_threads = self._inter_op_threads
         providers = choose_providers(ort.get_available_providers(), self._requested_providers)
-        try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
-        except Exception as exc:   # onnxruntime raises its own pybind exception types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise KeyreidError(f"{self.path}: cannot be loaded as an ONNX model "
-                               f"(truncated or not a model?): {reason}") from exc
+        session = self._load(ort, options, providers)
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        isa = cpu_isa()
+        if needs_exact_u8u8_path(file_recipe(metadata), isa):
+            # The recipe is in the file's metadata, which only a loaded session reads: load once more
+            # with the exact kernel (an int8 file for VNNI CPUs on an AVX2-only one; rare and explained).
+            options.add_session_config_entry(EXACT_INT8_OPTION, "1")
+            session = self._load(ort, options, providers)
 
         input_specs, output_specs = check_io(
             self.path, [_found_tensor(arg) for arg in session.get_inputs()],
             [_found_tensor(arg) for arg in session.get_outputs()])
-        metadata = dict(session.get_modelmeta().custom_metadata_map)
         num_cameras = metadata_num_cameras(metadata, self.path)
+        mismatch = int8_cpu_mismatch(metadata, isa, self.path)
+        if mismatch:
+            warn_once(mismatch)
         self._session = session
         self._output_names = [spec.name for spec in output_specs]
         on_cpu_only = session.get_providers() == ["CPUExecutionProvider"]
         self._clips_per_run = self._requested_clips_per_run or (CPU_CLIPS_PER_RUN if on_cpu_only else None)
         return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras, metadata)
+
+    def _load(self, ort, options, providers):
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:   # onnxruntime raises its own pybind exception types
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KeyreidError(f"{self.path}: cannot be loaded as an ONNX model "
+                               f"(truncated or not a model?): {reason}") from exc
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         batch = len(feed["camera"])
