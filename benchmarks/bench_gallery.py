@@ -25,8 +25,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
-from machine import cpu_model  # noqa: E402
-
+from keyreid.cpu_features import cpu_isa  # noqa: E402
 from keyreid.files import write_json  # noqa: E402
 from keyreid.runtime.gallery import Gallery  # noqa: E402
 from keyreid.runtime.gallery_index import BACKENDS  # noqa: E402
@@ -146,7 +145,7 @@ def main(argv=None) -> int:
         parser.error("--backends must start with numpy (the exact answers recall is measured against)")
     import faiss
     threads = faiss.omp_get_max_threads()
-    print(f"machine: {cpu_model()}, {threads} FAISS threads; numpy {np.__version__}, faiss {faiss.__version__}; "
+    print(f"machine: {cpu_isa().describe()}, {threads} FAISS threads; numpy {np.__version__}, faiss {faiss.__version__}; "
           f"{args.queries} queries one at a time, top {TOP_K}, own camera excluded")
     results = run(args.sizes, args.dim, args.queries, args.backends)
     print(table(results))

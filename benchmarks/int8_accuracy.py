@@ -1,15 +1,19 @@
-"""Accuracy of the int8 recipe (export/precision.py) on several random checkpoints.
+"""Accuracy of the int8 recipes (export/precision.py, one per target CPU class) on several
+random checkpoints.
 
     python benchmarks/int8_accuracy.py                    # five ViT-B checkpoints + small residual
     python benchmarks/int8_accuracy.py --reduced          # narrow models only (quick)
-    python benchmarks/int8_accuracy.py --json out.json
+    python benchmarks/int8_accuracy.py --targets avx2 --json out.json
 
 For each checkpoint (seeds and residual scales differ, so the recipe cannot lean on one lucky
-seed) it exports fp32 and int8 ONNX and runs both in ONNX Runtime on the same sample clips as
-the reference model. Reported: the lowest per-clip embedding cosine of int8 against the
-reference (bar: >= 0.999), the largest |part_weights| difference of int8 against fp32 (bar:
-<= 1e-5) and, as a control, fp32's relative error against the reference. Checkpoints and models
-are written to a temporary folder; at most one ViT-B model pair is held in memory at a time.
+seed) it exports fp32 and one int8 ONNX file per target CPU (avx2: 7-bit activations; vnni: full
+8-bit codes, the same recipe as amx) and runs them in ONNX Runtime on the same sample clips as
+the reference model. Reported per target: the lowest per-clip embedding cosine of int8 against
+the reference (bar: >= 0.999), the largest |part_weights| difference of int8 against fp32 (bar:
+<= 1e-5) and, as a control, fp32's relative error against the reference. On a CPU without VNNI
+the vnni file runs on ONNX Runtime's exact u8 x u8 path (keyreid/int8_targets.py), so every row
+is what that file gives on this CPU. Checkpoints and models are written to a temporary folder;
+at most one ViT-B model is held in memory at a time.
 """
 import argparse
 import sys
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from keyreid.cli import run_main
+from keyreid.cpu_features import cpu_isa
+from keyreid.int8_targets import TARGET_CPUS
 from keyreid.export.quiet_logs import quiet_third_party_logs
 
 # (seed, residual scale): scale < 1 shrinks the residual stream so that part weights move the
@@ -34,7 +40,8 @@ def cosine_per_clip(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def measure_case(config_name: str, seed: int, residual_scale: float, workdir: Path, clips: int,
-                 threads: int) -> dict:
+                 threads: int, targets=("avx2", "vnni")) -> list:
+    """One row per int8 target for one random checkpoint."""
     from keyreid.export.checkpoint import load_checkpoint, load_reference_model
     from keyreid.export.config import REDUCED, VIT_B
     from keyreid.export.onnx_export import DEFAULT_OPSET, export_fp32, stamp_metadata, write_model_atomically
@@ -51,29 +58,32 @@ def measure_case(config_name: str, seed: int, residual_scale: float, workdir: Pa
     reference = reference_results(load_reference_model(checkpoint), feed, "max")
     outputs = {}
     fp32 = export_fp32(checkpoint, "max")
-    for precision in ("fp32", "int8"):
-        model = fp32 if precision == "fp32" else to_int8(fp32)
-        stamp_metadata(model, checkpoint, "max", precision, DEFAULT_OPSET)    # the engine reads the cameras
-        onnx_path = write_model_atomically(model, workdir / f"{path.stem}_{precision}.onnx")
+    for variant in ("fp32",) + tuple(targets):
+        precision = "fp32" if variant == "fp32" else "int8"
+        model = fp32 if variant == "fp32" else to_int8(fp32, variant)
+        # the engine reads the cameras and the int8 target from the metadata
+        stamp_metadata(model, checkpoint, "max", precision, DEFAULT_OPSET, None if variant == "fp32" else variant)
+        onnx_path = write_model_atomically(model, workdir / f"{path.stem}_{variant}.onnx")
         del model
-        outputs[precision] = onnxruntime_results(onnx_path, feed, threads)
+        outputs[variant] = onnxruntime_results(onnx_path, feed, threads)
         onnx_path.unlink()
     path.unlink()
     fp32_error = np.abs(outputs["fp32"]["embedding"] - reference["embedding"]).max() \
         / np.abs(reference["embedding"]).max()
-    return {"model": config_name, "seed": seed, "residual_scale": residual_scale, "clips": clips,
-            "int8_min_cosine": float(cosine_per_clip(outputs["int8"]["embedding"], reference["embedding"]).min()),
-            "int8_part_weights_max_diff": float(np.abs(outputs["int8"]["part_weights"]
-                                                       - outputs["fp32"]["part_weights"]).max()),
-            "fp32_max_rel_error": float(fp32_error)}
+    return [{"model": config_name, "seed": seed, "residual_scale": residual_scale, "clips": clips, "target": target,
+             "int8_min_cosine": float(cosine_per_clip(outputs[target]["embedding"], reference["embedding"]).min()),
+             "int8_part_weights_max_diff": float(np.abs(outputs[target]["part_weights"]
+                                                        - outputs["fp32"]["part_weights"]).max()),
+             "fp32_max_rel_error": float(fp32_error)} for target in targets]
 
 
 def table(rows) -> str:
-    lines = [f"{'model':<9}{'seed':>5}{'residual':>10}{'int8 cosine (min)':>19}{'part_weights diff':>19}"
-             f"{'fp32 rel err':>14}  verdict", "-" * 86]
+    lines = [f"{'model':<9}{'seed':>5}{'residual':>10}{'target':>8}{'int8 cosine (min)':>19}{'part_weights diff':>19}"
+             f"{'fp32 rel err':>14}  verdict", "-" * 94]
     for row in rows:
         ok = row["int8_min_cosine"] >= MIN_COSINE and row["int8_part_weights_max_diff"] <= MAX_PART_WEIGHT_DIFF
-        lines.append(f"{row['model']:<9}{row['seed']:>5}{row['residual_scale']:>10g}{row['int8_min_cosine']:>19.6f}"
+        lines.append(f"{row['model']:<9}{row['seed']:>5}{row['residual_scale']:>10g}{row['target']:>8}"
+                     f"{row['int8_min_cosine']:>19.6f}"
                      f"{row['int8_part_weights_max_diff']:>19.1e}{row['fp32_max_rel_error']:>14.1e}  "
                      f"{'pass' if ok else 'FAIL'}")
     return "\n".join(lines)
@@ -84,17 +94,21 @@ def main(argv=None) -> int:
     parser.add_argument("--reduced", action="store_true", help="narrow models instead of ViT-B (quick)")
     parser.add_argument("--clips", type=int, default=4, help="sample clips per checkpoint (default: 4)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default: 2)")
+    parser.add_argument("--targets", nargs="+", choices=TARGET_CPUS, default=["avx2", "vnni"],
+                        help="int8 target CPUs to measure (default: avx2 vnni; amx is vnni's recipe)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     quiet_third_party_logs()
+    print(f"on {cpu_isa().describe()}", flush=True)
     cases = [("reduced" if args.reduced else "vit_b", seed, scale) for seed, scale in VIT_B_CASES]
     cases.append(SMALL_RESIDUAL_CASE)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name, seed, scale in cases:
             print(f"{name} seed {seed} residual scale {scale:g}: exporting and comparing", flush=True)
-            rows.append(measure_case(name, seed, scale, Path(scratch), args.clips, args.threads))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+            case_rows = measure_case(name, seed, scale, Path(scratch), args.clips, args.threads, args.targets)
+            rows += case_rows
+            print("\n".join(table(case_rows).splitlines()[2:]), flush=True)
     print()
     print(table(rows))
     if args.json:

@@ -59,17 +59,19 @@ def export_models(checkpoint, heatmap_mode: str, workdir: Path, stem: str, preci
     import onnx
     from keyreid.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, stamp_metadata, \
         write_model_atomically
-    from keyreid.export.precision import to_fp16, to_int8
+    from keyreid.export.precision import resolve_int8_target, to_fp16, to_int8
 
+    int8_target = resolve_int8_target()       # this machine's class: what a user here would export
     paths = {precision: workdir / f"{stem}_{precision}.onnx" for precision in precisions}
     missing = [precision for precision, path in paths.items() if not path.exists()]
     if missing:
         print(f"exporting {', '.join(missing)} (not timed)", flush=True)
         fp32 = export_fp32(checkpoint, heatmap_mode)
         for precision in missing:
-            model = {"fp32": lambda: fp32, "int8": lambda: to_int8(fp32),
+            model = {"fp32": lambda: fp32, "int8": lambda: to_int8(fp32, int8_target),
                      "fp16": lambda: to_fp16(onnx.ModelProto.FromString(fp32.SerializeToString()))}[precision]()
-            stamp_metadata(model, checkpoint, heatmap_mode, precision, DEFAULT_OPSET)
+            stamp_metadata(model, checkpoint, heatmap_mode, precision, DEFAULT_OPSET,
+                           int8_target if precision == "int8" else None)
             check_model(model)
             write_model_atomically(model, paths[precision])
     return paths

@@ -23,6 +23,7 @@ import numpy as np
 from keyreid.cli import positive_int, run_main
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import camera_problem, stack_clips
+from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
 from keyreid.reference_results import read_reference_results
 from keyreid.runtime.cli_args import add_engine_arguments, add_frame_limit_argument, engine_location, engine_options
@@ -242,6 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"reference:  {describe_engine(reference)}")
             expected = run_in_batches(reference.infer, feed, min(batch, reference.max_batch or batch))
     print(f"inputs:     {source}, batches of {batch}")
+    print(f"cpu:        {cpu_isa().describe()}")
 
     report = compare(actual, expected, args)
     print(report.table())
