@@ -15,7 +15,10 @@ RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8", "onnxruntime>=1.17"]
 # Any recent torch works; the README pins the CPU build for CPU-only machines.
 EXPORT = ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.1"]
 GALLERY = ["faiss-cpu>=1.7.4"]     # large galleries (runtime/gallery_index.py); NumPy needs nothing
-TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10"] + GALLERY
+# OpenVINO's CPU plugin as a second .onnx backend; onnx inlines the file's local functions,
+# which OpenVINO's ONNX frontend does not (runtime/engine_openvino.py). Tested with 2026.4.1.
+OPENVINO = ["openvino>=2026.0", "onnx>=1.16"]
+TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10"] + GALLERY + OPENVINO
 # The Triton client (engine grpc:// and http://) and Triton's ModelConfig protobuf (repository checks).
 TRITON = ["tritonclient[grpc,http]>=2.40"]
 # PyTriton bundles a CPU-capable tritonserver (Linux x86_64/aarch64, glibc >= 2.35, about 190 MB
@@ -44,6 +47,7 @@ setup(
         "mars": ["scipy>=1.10"],    # reads MARS's info/*.mat files
         "export": EXPORT,
         "gallery": GALLERY,
+        "openvino": OPENVINO,
         "triton": TRITON,
         "triton-server": TRITON_SERVER,
         "test": EXPORT + TEST + TRITON_SERVER,

@@ -24,6 +24,7 @@ from keyreid.errors import KeyreidError
 from keyreid.files import copy_file, write_bytes
 from keyreid.plan_sidecar import read_sidecar, sidecar_path
 from keyreid.lazy import require
+from keyreid.model_kinds import TENSORRT_SUFFIXES, model_kind
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, config_datatype,
                             preferred_batch_sizes, wire_dims)
 
@@ -90,14 +91,14 @@ def describe_plan(path: Path) -> ModelDescription:
 
 
 def describe_model(path: Path) -> ModelDescription:
-    suffix = path.suffix.lower()
+    kind = model_kind(path)
     if not path.is_file():
         raise KeyreidError(f"{path}: model file does not exist")
-    if suffix == ".onnx":
+    if kind == "onnx":
         return describe_onnx(path)
-    if suffix == ".plan":
+    if kind == "tensorrt":
         return describe_plan(path)
-    raise KeyreidError(f"{path}: expected an .onnx model or a TensorRT .plan")
+    raise KeyreidError(f"{path}: expected an .onnx model or a TensorRT engine ({', '.join(TENSORRT_SUFFIXES)})")
 
 
 # --- the configuration -----------------------------------------------------------------------

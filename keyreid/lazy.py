@@ -1,6 +1,7 @@
 """Lazy imports of optional heavy dependencies, with a sentence naming the extra to install."""
 import importlib
 from types import ModuleType
+from typing import Optional, Tuple
 
 from keyreid.errors import KeyreidError
 
@@ -10,6 +11,7 @@ _EXTRAS = {
     "onnx": ("export", "ONNX export"),
     "onnxscript": ("export", "ONNX export"),
     "onnxruntime": ("runtime", "running .onnx models"),
+    "openvino": ("openvino", "running .onnx models on OpenVINO"),
     "cv2": ("runtime", "image decoding"),
     "tensorrt": ("gpu", "building and running TensorRT engines"),
     "cuda.bindings.runtime": ("gpu", "running TensorRT engines"),
@@ -21,12 +23,16 @@ _EXTRAS = {
 }
 
 
-def require(module_name: str) -> ModuleType:
-    """Import ``module_name`` or raise KeyreidError saying which extra provides it."""
+def require(module_name: str, needed_for: Optional[Tuple[str, str]] = None) -> ModuleType:
+    """Import ``module_name`` or raise KeyreidError saying which extra provides it.
+
+    ``needed_for`` is (pip extra, purpose) where the caller needs the module for something other
+    than its usual job (``onnx`` for the OpenVINO engine comes with ``[openvino]``, not ``[export]``).
+    """
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
-        extra, purpose = _EXTRAS.get(module_name, (None, None))
+        extra, purpose = needed_for or _EXTRAS.get(module_name, (None, None))
         hint = f'pip install "keyreid[{extra}]"' if extra else f"pip install {module_name}"
         needed = f" (needed for {purpose})" if purpose else ""
         raise KeyreidError(f"{module_name} is not installed{needed}: {hint}") from exc

@@ -1,13 +1,16 @@
 """keyreid.runtime (the ``runtime/`` folder): serve embeddings from an exported model file.
 
-No torch here, not even lazily: a device needs NumPy, OpenCV and ONNX Runtime (or TensorRT).
+No torch here, not even lazily: a device needs NumPy, OpenCV and ONNX Runtime (or OpenVINO, or
+TensorRT).
 It reads the files the export step wrote and never imports ``keyreid.export``.
 
 Public entry points, in data-flow order:
 
-- ``open_engine(path, **options) -> Engine``: an ``.onnx`` (ONNX Runtime) or ``.plan``
-  (TensorRT) model behind one interface; ``Engine.infer(feed)`` runs one batch of clips laid
-  out as SPEC section 6, checked against the model (shapes, dtypes, camera range) first.
+- ``open_engine(path, backend="auto", **options) -> Engine``: an ``.onnx`` (ONNX Runtime, or
+  OpenVINO with ``backend="openvino"``) or ``.plan`` (TensorRT) model behind one interface;
+  ``Engine.infer(feed)`` runs one batch of clips laid out as SPEC section 6, checked against
+  the model (shapes, dtypes, camera range) first. ``backend_names()`` lists the backends
+  (the table is ``keyreid.runtime.backends.BACKENDS``).
 - ``Runner(engine, preprocess=...)``: many callers, one engine, dynamic batching;
   ``submit_clip`` / ``submit_tracklet`` return futures.
 - ``discover_tracklets(dir)``, ``clip_loader(pose_tally)``, ``PoseTally``: tracklet folders
@@ -21,6 +24,7 @@ Public entry points, in data-flow order:
 
 The command-line tools ``infer.py``, ``compare.py`` and ``gallery.py`` are thin layers over these.
 """
+from keyreid.runtime.backends import backend_names
 from keyreid.runtime.engines import Engine, open_engine
 from keyreid.runtime.gallery import Gallery
 from keyreid.runtime.online import OnlineEncoder
@@ -29,5 +33,5 @@ from keyreid.runtime.poses import PoseTally
 from keyreid.runtime.runner import Runner
 from keyreid.runtime.tracklets import discover_tracklets
 
-__all__ = ["open_engine", "Engine", "Runner", "discover_tracklets", "clip_loader", "PoseTally",
+__all__ = ["open_engine", "backend_names", "Engine", "Runner", "discover_tracklets", "clip_loader", "PoseTally",
            "run_tracklets", "TrackletRun", "OnlineEncoder", "Gallery"]

@@ -1,21 +1,28 @@
 """Argument groups the runtime's command-line tools share (engine and runner options).
 
-``infer.py`` and ``compare.py`` both open engines the same way; the options and their parsing
-live here once, and turn into keyword arguments for ``open_engine`` and ``Runner``.
+``infer.py``, ``compare.py`` and ``serve_triton.py`` open engines the same way; the options,
+the check of which ones apply (``check_engine_arguments``, a usage error naming the flag) and
+their parsing live here once, and turn into keyword arguments for ``open_engine`` and ``Runner``.
+Which flag belongs to which backend is read from ``keyreid.runtime.backends.BACKENDS``.
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from keyreid.cli import non_negative_float, positive_float, positive_int
+from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engines import ONNX_SUFFIXES
+from keyreid.model_kinds import model_kind
+from keyreid.runtime.backends import AUTO, BACKENDS, Backend, backend_names, choose_backend
+from keyreid.runtime.engine_openvino import INFERENCE_PRECISIONS
+from keyreid.runtime.engines import Engine
 from keyreid.triton import is_triton_url
 from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE
 from keyreid.runtime.pipeline import DEFAULT_STALL_TIMEOUT_S
 
-ENGINE_HELP = ("model to run: .onnx (ONNX Runtime), .plan/.engine/.trt (TensorRT), or "
-               "grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL (a Triton Inference Server)")
+ENGINE_HELP = ("model to run: .onnx (ONNX Runtime, or OpenVINO with --backend openvino), "
+               ".plan/.engine/.trt (TensorRT), or grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL "
+               "(a Triton Inference Server)")
 
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -43,17 +50,26 @@ def parse_providers(text: str) -> List[str]:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("engine options")
+    group.add_argument("--backend", action="append", choices=(AUTO,) + backend_names(), metavar="NAME",
+                       help="what runs the model: " + "; ".join(f"{backend.name}: {backend.summary}"
+                                                                for backend in BACKENDS)
+                            + "; auto (default): ONNX Runtime for .onnx files, the only choice for the "
+                              "others. compare.py takes it once for every --engine or once per --engine")
+    group.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS, metavar="P",
+                       help="OpenVINO's compute precision, always pinned: f32 (default, exact), bf16 "
+                            "(CPUs with AMX or AVX-512 BF16; close to f32, not equal), auto (bf16 on AMX "
+                            "CPUs, else f32). --backend openvino only")
     group.add_argument("--providers", type=parse_providers, metavar="LIST",
                        help="ONNX Runtime execution providers, most preferred first, comma-separated "
                             "(full names or cpu, cuda, tensorrt; default: TensorRT, CUDA, CPU, "
                             "whichever this onnxruntime build has). .onnx engines only")
     group.add_argument("--threads", type=positive_int, metavar="N",
-                       help="ONNX Runtime threads inside one operator (default: onnxruntime's "
-                            "choice, one per core). .onnx engines only")
+                       help="threads of ONNX Runtime (inside one operator) or OpenVINO (default: "
+                            "the library's choice, one per core). .onnx engines only")
     group.add_argument("--clips-per-run", type=positive_int, metavar="N",
-                       help="ONNX Runtime runs a batch in pieces of N clips (default: 1 on the CPU "
-                            "provider, where it measured fastest per clip; whole batches on a GPU). "
-                            ".onnx engines only")
+                       help="run a batch in pieces of N clips (ONNX Runtime default: 1 on the CPU "
+                            "provider, where it measured fastest per clip, whole batches on a GPU; "
+                            "OpenVINO default: whole batches). .onnx engines only")
     group.add_argument("--max-batch", type=positive_int, metavar="N",
                        help="most clips per engine call (default: 16; a TensorRT engine runs a "
                             "bigger call in pieces of its profile's maximum)")
@@ -92,38 +108,76 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     return group
 
 
-def engine_options(args: argparse.Namespace, engine_path: Union[str, Path]) -> Dict[str, object]:
-    """Keyword arguments for ``open_engine(engine_path, ...)`` from the parsed options."""
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _given_backend_flags(args: argparse.Namespace) -> List[str]:
+    """The backend-specific flags given on the command line (a flag's default is None or [])."""
+    flags = dict.fromkeys(flag for backend in BACKENDS for flag in backend.cli_flags)
+    return [flag for flag in flags if getattr(args, _dest(flag), None) not in (None, [])]
+
+
+def requested_backend(args: argparse.Namespace, index: int = 0) -> str:
+    """The --backend asked for the engine at ``index`` (one --backend applies to every engine)."""
+    names = args.backend or [AUTO]
+    return names[index] if len(names) > 1 else names[0]
+
+
+def _engine_backend(args: argparse.Namespace, engine_path: Union[str, Path], index: int) -> Optional[Backend]:
+    """The backend that will run ``engine_path``; None for an unknown file type (``open_engine``
+    reports that one, as bad input)."""
+    kind = model_kind(engine_path)
+    return None if kind is None else choose_backend(kind, requested_backend(args, index), engine_path)
+
+
+def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                           engines: Sequence[Union[str, Path]]) -> None:
+    """Usage errors (exit 2), before any work: a --backend that cannot run its engine, the wrong
+    number of --backend, and a backend flag that none of the chosen backends takes."""
+    if args.backend and len(args.backend) > 1 and len(args.backend) != len(engines):
+        parser.error(f"--backend is given {len(args.backend)} times for {len(engines)} engine(s); "
+                     "give it once, or once per --engine")
+    chosen = []
+    for index, engine in enumerate(engines):
+        try:
+            chosen.append((engine, _engine_backend(args, engine, index)))
+        except KeyreidError as exc:
+            parser.error(f"--backend {requested_backend(args, index)}: {exc}")
+    known = [(engine, backend) for engine, backend in chosen if backend is not None]
+    for flag in _given_backend_flags(args):
+        if known and not any(flag in backend.cli_flags for _, backend in known):
+            takers = [backend.name for backend in BACKENDS if flag in backend.cli_flags]
+            runs = ", ".join(f"{engine} runs on {backend.name}" for engine, backend in known)
+            parser.error(f"{flag} is for the {' and '.join(takers)} backend{'s' if len(takers) > 1 else ''}; {runs}")
+
+
+def engine_options(args: argparse.Namespace, engine_path: Union[str, Path], index: int = 0) -> Dict[str, object]:
+    """Keyword arguments for ``open_engine(engine_path, ...)`` (the engine at ``index`` of the
+    command's --engine list): the backend, the cameras, and the flags that backend takes.
+    Call ``check_engine_arguments`` first: flags other backends take are left out here."""
     options: Dict[str, object] = {}
     if args.num_cameras is not None:
         options["num_cameras"] = args.num_cameras
-    if is_triton_url(engine_path):
-        for flag, value in (("--providers", args.providers), ("--threads", args.threads),
-                            ("--clips-per-run", args.clips_per_run), ("--plugin", args.plugin)):
-            if value:
-                raise KeyreidError(f"{flag} is for local engines; {engine_path} is a Triton server")
-        if args.timeout is not None:
-            options["timeout_s"] = args.timeout
+    backend = _engine_backend(args, engine_path, index)
+    if backend is None:
         return options
-    if args.timeout is not None:
-        raise KeyreidError(f"--timeout is for Triton engines; {engine_path} is a local file")
-    if Path(engine_path).suffix.lower() in ONNX_SUFFIXES:
-        if args.plugin:
-            raise KeyreidError(f"--plugin is for TensorRT engines; {engine_path} is an ONNX model")
-        if args.providers is not None:
-            options["providers"] = args.providers
-        if args.threads is not None:
-            options["intra_op_threads"] = args.threads
-        if args.clips_per_run is not None:
-            options["clips_per_run"] = args.clips_per_run
-    else:
-        for flag, value in (("--providers", args.providers), ("--threads", args.threads),
-                            ("--clips-per-run", args.clips_per_run)):
-            if value is not None:
-                raise KeyreidError(f"{flag} is for ONNX Runtime; {engine_path} is a TensorRT engine")
-        if args.plugin:
-            options["plugin_libraries"] = args.plugin
+    options["backend"] = backend.name
+    for flag, keyword in backend.cli_flags.items():
+        value = getattr(args, _dest(flag), None)
+        if value not in (None, []):
+            options[keyword] = value
     return options
+
+
+def engine_banner(engine: Engine) -> str:
+    """Which backend runs the engine and in which precision, for banners."""
+    return f"{engine.backend} backend, computing in {engine.compute_precision}"
+
+
+def cpu_banner() -> str:
+    """This machine's CPU as the inference libraries see it, for banners."""
+    return f"cpu: {cpu_isa().describe()}"
 
 
 def runner_options(args: argparse.Namespace) -> Dict[str, object]:

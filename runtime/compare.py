@@ -26,8 +26,10 @@ from keyreid.contract import camera_problem, stack_clips
 from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
 from keyreid.reference_results import read_reference_results
-from keyreid.runtime.cli_args import add_engine_arguments, add_frame_limit_argument, engine_location, engine_options
-from keyreid.runtime.engines import ONNX_SUFFIXES, TENSORRT_SUFFIXES, Engine, open_engine
+from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, check_engine_arguments,
+                                      cpu_banner, engine_banner, engine_location, engine_options)
+from keyreid.model_kinds import model_kind
+from keyreid.runtime.engines import Engine, open_engine
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips
 from keyreid.plan_sidecar import check_built_from, read_sidecar
@@ -191,9 +193,8 @@ def compare(actual: Dict[str, np.ndarray], expected: Dict[str, np.ndarray],
 def check_plan_sources(engines: Sequence[Union[str, Path]]) -> None:
     """A TensorRT plan compared with an ONNX file must have been built from that file: say so
     before spending minutes on two engines that were never meant to agree."""
-    files = [engine for engine in engines if isinstance(engine, Path)]     # not Triton addresses
-    plans = [path for path in files if path.suffix.lower() in TENSORRT_SUFFIXES]
-    models = [path for path in files if path.suffix.lower() in ONNX_SUFFIXES]
+    plans = [path for path in engines if model_kind(path) == "tensorrt"]
+    models = [path for path in engines if model_kind(path) == "onnx"]
     if len(plans) == 1 and len(models) == 1:
         check_built_from(plans[0], read_sidecar(plans[0]), models[0])
 
@@ -202,13 +203,14 @@ def describe_engine(engine: Engine) -> str:
     metadata = engine.metadata
     details = [f"{engine.embedding_dim}-d"]
     details += [f"{key} {metadata[key]}" for key in ("precision", "heatmap_mode") if key in metadata]
-    return f"{engine.path} ({', '.join(details)})"
+    return f"{engine.path} ({', '.join(details)}; {engine_banner(engine)})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    check_engine_arguments(parser, args, args.engine)
     check_plan_sources(args.engine)
 
     reference = read_reference_results(args.reference) if args.reference is not None else None
@@ -225,6 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             feed = synthetic_feed(args.clips or DEFAULT_CLIPS, engine.num_cameras, args.seed)
             source = f"{len(feed['camera'])} synthetic clips (seed {args.seed})"
+        print(cpu_banner())
         print(f"under test: {describe_engine(engine)}")
         batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH_SIZE
         actual = run_in_batches(engine.infer, feed, batch)
@@ -239,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"file used {mode}; part_weights will differ", file=sys.stderr)
         expected = reference.expected
     else:
-        with open_engine(args.engine[1], **engine_options(args, args.engine[1])) as reference:
+        with open_engine(args.engine[1], **engine_options(args, args.engine[1], index=1)) as reference:
             print(f"reference:  {describe_engine(reference)}")
             expected = run_in_batches(reference.infer, feed, min(batch, reference.max_batch or batch))
     print(f"inputs:     {source}, batches of {batch}")

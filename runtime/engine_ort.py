@@ -14,7 +14,8 @@ from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError, warn_once
 from keyreid.int8_targets import file_recipe, int8_cpu_mismatch, needs_exact_u8u8_path
 from keyreid.lazy import require
-from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras
+from keyreid.runtime.engines import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
+                                     run_in_pieces)
 
 # Most preferred first; only the ones onnxruntime reports as available are used.
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -64,6 +65,8 @@ def _found_tensor(node_arg) -> FoundTensor:
 class OrtEngine(Engine):
     """An ``.onnx`` model on ONNX Runtime. ``session.run`` is thread-safe, so one engine may be
     shared by several threads."""
+
+    backend = "onnxruntime"
 
     def __init__(self, path: "str | Path", *, providers: Optional[Sequence[Provider]] = None,
                  intra_op_threads: Optional[int] = None, inter_op_threads: Optional[int] = None,
@@ -150,14 +153,10 @@ class OrtEngine(Engine):
                                f"(truncated or not a model?): {reason}") from exc
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        batch = len(feed["camera"])
-        step = self._clips_per_run or batch
-        if step >= batch:
-            return dict(zip(self._output_names, self._session.run(self._output_names, feed)))
-        pieces = [self._session.run(self._output_names, {name: value[start:start + step] for name, value in feed.items()})
-                  for start in range(0, batch, step)]
-        return {name: np.concatenate([piece[index] for piece in pieces])
-                for index, name in enumerate(self._output_names)}
+        return run_in_pieces(self._run, feed, self._clips_per_run)
+
+    def _run(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self._session.run(self._output_names, feed)))
 
     def deactivate_impl(self) -> None:
         self._session = None

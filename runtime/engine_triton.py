@@ -90,6 +90,8 @@ def _is_unreachable(exc: BaseException) -> bool:
 class TritonEngine(Engine):
     """A KeyRe-ID model served by Triton Inference Server, reached over gRPC or HTTP."""
 
+    backend = "triton"
+
     def __init__(self, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
                  max_batch: Optional[int] = None, num_cameras: Optional[int] = None):
         """

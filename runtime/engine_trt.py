@@ -167,6 +167,8 @@ class TrtEngine(Engine):
     """A serialized TensorRT engine and its sidecar. One execution context: calls are serialised
     by a lock."""
 
+    backend = "tensorrt"
+
     def __init__(self, path: "str | Path", *, plugin_libraries: Sequence["str | Path"] = (),
                  num_cameras: Optional[int] = None):
         """

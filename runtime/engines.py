@@ -13,16 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from keyreid.contract import INPUTS, NUM_PARTS, CLIP_FRAMES, TensorSpec, camera_problem, output_specs
 from keyreid.errors import KeyreidError
-from keyreid.triton import is_triton_url
-
-ONNX_SUFFIXES = (".onnx",)
-TENSORRT_SUFFIXES = (".plan", ".engine", ".trt")
+from keyreid.model_kinds import ONNX_SUFFIXES, TENSORRT_SUFFIXES, known_model_kind  # noqa: F401 (re-exported)
+from keyreid.runtime.backends import choose_backend
 
 # Embedding length is D * (1 + NUM_PARTS * CLIP_FRAMES) for model width D (SPEC section 2).
 _EMBEDDING_UNITS = 1 + NUM_PARTS * CLIP_FRAMES
@@ -217,6 +215,8 @@ class Engine:
         self._num_cameras_override = num_cameras
         self._info: Optional[EngineInfo] = None
 
+    backend = ""     # the backend's name in keyreid.runtime.backends.BACKENDS; set by each subclass
+
     # --- hooks for backends -------------------------------------------------------------
     def activate_impl(self) -> EngineInfo:
         """Load the model and return what it is; raise KeyreidError for a bad file."""
@@ -284,6 +284,12 @@ class Engine:
         return dict(self._active_info().metadata)
 
     @property
+    def compute_precision(self) -> str:
+        """The precision the backend computes in, for banners: by default what the model file
+        says it stores (metadata ``precision``); backends that choose their own say so."""
+        return self._active_info().metadata.get("precision", "as stored in the model")
+
+    @property
     def embedding_dim(self) -> int:
         """Length of one clip embedding, read from the model (19200 for ViT-B)."""
         return int(self._active_info().output_specs[0].shape[1])
@@ -306,26 +312,34 @@ class Engine:
         return f"{type(self).__name__}({str(self.path)!r}, {state})"
 
 
-def open_engine(path: "str | Path", **options) -> Engine:
-    """Return an (inactive) engine for ``path``, chosen by the file suffix or the URL scheme.
+def run_in_pieces(run: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]],
+                  feed: Dict[str, np.ndarray], clips_per_run: Optional[int]) -> Dict[str, np.ndarray]:
+    """``run`` on consecutive pieces of ``clips_per_run`` clips (None: the whole batch at once),
+    the outputs joined in order. Every clip's result depends on that clip alone, so the pieces
+    give what one run would."""
+    batch = len(feed["camera"])
+    step = clips_per_run or batch
+    if step >= batch:
+        return run(feed)
+    pieces = [run({name: value[start:start + step] for name, value in feed.items()})
+              for start in range(0, batch, step)]
+    return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
 
-    ``.onnx`` runs on ONNX Runtime (:class:`~keyreid.runtime.engine_ort.OrtEngine`); ``.plan``,
-    ``.engine`` and ``.trt`` are TensorRT engines (:class:`~keyreid.runtime.engine_trt.TrtEngine`);
+
+def open_engine(path: "str | Path", backend: str = "auto", **options) -> Engine:
+    """Return an (inactive) engine for ``path``: the model kind comes from the file suffix or the
+    URL scheme, the backend from ``backend`` (see ``keyreid.runtime.backends.BACKENDS``).
+
+    ``.onnx`` runs on ONNX Runtime (:class:`~keyreid.runtime.engine_ort.OrtEngine`), or on
+    OpenVINO with ``backend="openvino"`` (:class:`~keyreid.runtime.engine_openvino.OpenVinoEngine`);
+    ``.plan``, ``.engine`` and ``.trt`` are TensorRT engines (:class:`~keyreid.runtime.engine_trt.TrtEngine`);
     ``grpc://HOST:PORT/MODEL`` and ``http(s)://...`` are models on a Triton Inference Server
-    (:class:`~keyreid.runtime.engine_triton.TritonEngine`). ``options`` go to that class.
+    (:class:`~keyreid.runtime.engine_triton.TritonEngine`). ``backend="auto"`` picks by the
+    kind (``backends.auto_backend``). ``options`` go to that class.
     Activate it with a with-block, ``activate()`` or by handing it to a Runner.
     """
-    if is_triton_url(path):
-        from keyreid.runtime.engine_triton import TritonEngine
-        return TritonEngine(path, **options)
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in ONNX_SUFFIXES + TENSORRT_SUFFIXES:
-        raise KeyreidError(f"{path}: unknown engine file type '{path.suffix}'; expected "
-                           + ", ".join(ONNX_SUFFIXES + TENSORRT_SUFFIXES))
-    check_model_file(path)
-    if suffix in ONNX_SUFFIXES:
-        from keyreid.runtime.engine_ort import OrtEngine
-        return OrtEngine(path, **options)
-    from keyreid.runtime.engine_trt import TrtEngine
-    return TrtEngine(path, **options)
+    kind = known_model_kind(path)
+    chosen = choose_backend(kind, backend, path)
+    if kind != "triton":
+        path = check_model_file(Path(path))
+    return chosen.load_class()(path, **options)

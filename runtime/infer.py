@@ -19,7 +19,8 @@ from keyreid.cli import Steps, run_main
 from keyreid.contract import MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
 from keyreid.runtime.cli_args import (ENGINE_HELP, add_engine_arguments, add_frame_limit_argument,
-                                      add_runner_arguments, engine_location, engine_options, runner_options)
+                                      add_runner_arguments, check_engine_arguments, cpu_banner, engine_banner,
+                                      engine_location, engine_options, runner_options)
 from keyreid.runtime.engines import open_engine
 from keyreid.runtime.pipeline import Progress, TrackletRun, clip_loader, run_tracklets, total_clips
 from keyreid.runtime.query_gallery import QueryGalleryResult, evaluate_query_gallery
@@ -29,8 +30,8 @@ from keyreid.runtime.runner import Runner
 from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan, discover_tracklets
 
 DESCRIPTION = """\
-Run a KeyRe-ID engine (.onnx on ONNX Runtime, .plan/.engine/.trt on TensorRT, or a model on a
-Triton Inference Server at grpc://HOST:PORT/MODEL) over tracklets:
+Run a KeyRe-ID engine (.onnx on ONNX Runtime or OpenVINO, .plan/.engine/.trt on TensorRT, or a
+model on a Triton Inference Server at grpc://HOST:PORT/MODEL) over tracklets:
 each tracklet is cut into clips of 4 frames (the last one cycling its own frames, at most the
 first 41 clips), every clip is embedded, and the tracklet's feature is the mean of its clips'
 embeddings. Frames are decoded on worker threads while the engine runs batches.
@@ -264,6 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = check_arguments(parser, args)
+    check_engine_arguments(parser, args, [args.engine])
     outputs = {"--output": args.output, "--report": args.report, "--ranking-png": args.ranking_png}
     check_distinct_outputs(outputs, {"the engine": args.engine})
     for flag, path in outputs.items():
@@ -285,6 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reason = camera_problem(args.camera, engine.num_cameras)
         if reason:
             raise KeyreidError(f"--camera: {reason}")
+        if not args.quiet:
+            print(f"      {engine_banner(engine)}; {cpu_banner()}", file=sys.stderr, flush=True)
         steps(f"running {len(tracklets)} tracklets ({total_clips(tracklets)} clips)")
         tally = PoseTally()
         progress = Progress(len(tracklets), total_clips(tracklets), interval_s=args.progress_seconds,

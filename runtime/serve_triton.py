@@ -35,7 +35,7 @@ from keyreid.cli import run_main
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.cli import positive_int
-from keyreid.runtime.cli_args import add_engine_arguments, engine_options
+from keyreid.runtime.cli_args import add_engine_arguments, check_engine_arguments, engine_options
 from keyreid.runtime.engines import Engine, open_engine
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS, DEFAULT_QUEUE_DELAY_US,
                             preferred_batch_sizes, wire_dims)
@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_engine_arguments(parser, args, [args.engine])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:

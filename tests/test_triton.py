@@ -290,9 +290,12 @@ def test_bad_server_addresses_are_rejected_before_connecting(url, reason):
 
 
 def test_local_engine_options_are_refused_for_a_triton_engine(tracklets, tmp_path, capsys):
-    assert run_tool(infer, "--engine", "grpc://127.0.0.1:1/keyreid", "--tracklets", tracklets,
-                    "--output", tmp_path / "o.npz", "--threads", 2) == 1
-    assert "--threads is for local engines" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:      # a usage error, before anything connects
+        run_tool(infer, "--engine", "grpc://127.0.0.1:1/keyreid", "--tracklets", tracklets,
+                 "--output", tmp_path / "o.npz", "--threads", 2)
+    assert exited.value.code == 2
+    assert "--threads is for the onnxruntime and openvino backends; grpc://127.0.0.1:1/keyreid runs on triton" \
+        in capsys.readouterr().err
 
 
 def test_triton_engine_and_server_modules_import_without_torch():
