@@ -189,6 +189,67 @@ def test_compile_ptx_without_any_compiler_says_what_to_install(monkeypatch):
         cuda_build.compile_ptx((9, 0))
 
 
+def _refuse_first_image(loaded):
+    """A module load that fails the first time as a driver older than the PTX does, and
+    afterwards returns the image it was given: the fault injected into load_kernel_image."""
+    from keyreid.kernels.cuda_driver import UNSUPPORTED_PTX_VERSION, CudaDriverError
+
+    def load(image):
+        loaded.append(image)
+        if len(loaded) == 1:
+            raise CudaDriverError(UNSUPPORTED_PTX_VERSION, f"CUDA driver error {UNSUPPORTED_PTX_VERSION}")
+        return image
+    return load
+
+
+@needs_nvcc
+def test_driver_refusing_the_ptx_as_too_new_loads_an_nvcc_cubin_instead(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import load_kernel_image
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    loaded = []
+    module, image = load_kernel_image((8, 7), _refuse_first_image(loaded))
+    assert len(loaded) == 2 and b".target sm_87" in loaded[0], "the preferred PTX was not tried first"
+    assert image.kind == "cubin" and image.compiler.startswith("nvcc") and module == image.data
+    assert image.data.startswith(b"\x7fELF")
+    for mode in HEATMAP_MODES:
+        assert cuda_build.kernel_name(mode).encode() in image.data
+    assert len(list(tmp_path.glob("keypoint_part_pool-*-sm_87-nvcc*.cubin"))) == 1
+
+
+@needs_nvcc
+def test_driver_refusing_the_ptx_for_a_device_nvcc_cannot_build_cubins_for_loads_nvcc_ptx(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import load_kernel_image
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cuda_build, "_nvcc_codes", lambda: [75])     # fault: an nvcc without sm_87
+    loaded = []
+    _, image = load_kernel_image((8, 7), _refuse_first_image(loaded))
+    assert (image.kind, image.compiler[:4]) == ("ptx", "nvcc") and b".target sm_87" in image.data
+
+
+def test_other_driver_errors_on_loading_are_not_retried(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import CudaDriverError, load_kernel_image
+    if cuda_build._load_nvrtc() is None and cuda_build.find_nvcc() is None:
+        pytest.skip("no CUDA compiler")
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    loaded = []
+
+    def load(image):
+        loaded.append(image)
+        raise CudaDriverError("CUDA_ERROR_OUT_OF_MEMORY", "CUDA driver error CUDA_ERROR_OUT_OF_MEMORY")
+    with pytest.raises(CudaDriverError, match="OUT_OF_MEMORY"):
+        load_kernel_image((8, 7), load)
+    assert len(loaded) == 1
+
+
+def test_driver_refusing_the_ptx_without_nvcc_names_the_driver_and_the_compiler(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import load_kernel_image
+    _nvrtc_or_skip()                                             # NVRTC's PTX is refused, then
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)   # fault: there is no nvcc
+    with pytest.raises(KeyreidError, match=r"cannot load PTX ISA [\d.]+ from \w+.*no other compiler"):
+        load_kernel_image((8, 7), _refuse_first_image([]))
+
+
 def test_compile_ptx_rejects_a_malformed_compute_capability():
     with pytest.raises(KeyreidError, match=r"\(major, minor\)"):
         cuda_build.compile_ptx("sm_90")
@@ -201,6 +262,25 @@ def test_torch_op_has_a_cuda_implementation_registered():
     import keyreid.kernels.graph_op  # noqa: F401  (registers the op)
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has_kernel("keyreid::keypoint_part_pool", "CUDA")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_torch_op_returns_float32_for_other_keypoint_dtypes_in_eager_and_fake_mode(dtype):
+    """The CUDA kernel always writes float32, so the CPU op and the fake that torch.compile and
+    torch.export trace with must say float32 too (opcheck compares the fake with the real op)."""
+    torch = pytest.importorskip("torch")
+    import keyreid.kernels.graph_op  # noqa: F401
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    keypoints, crop_size = realistic_keypoints(np.random.default_rng(5), 2)
+    keypoints = torch.from_numpy(keypoints).to(getattr(torch, dtype))
+    crop_size = torch.from_numpy(crop_size).to(getattr(torch, dtype))
+    op = torch.ops.keyreid.keypoint_part_pool.default
+    assert op(keypoints, crop_size, "max").dtype == torch.float32
+    with FakeTensorMode() as fake_mode:
+        fake = op(fake_mode.from_tensor(keypoints), fake_mode.from_tensor(crop_size), "max")
+    assert fake.dtype == torch.float32 and tuple(fake.shape) == (2, NUM_PATCHES, NUM_PARTS)
+    torch.library.opcheck(op, (keypoints, crop_size, "mean"),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_op_on_cuda_runs_the_fused_kernel(clips):
