@@ -194,6 +194,12 @@ def _load_nvrtc() -> Optional[_Nvrtc]:
     return _Nvrtc(nvrtc, (major, minor))
 
 
+def nvrtc_version() -> Optional[Tuple[int, int]]:
+    """(major, minor) of the NVRTC that ``compile_ptx`` would use, or None when none loads."""
+    nvrtc = _load_nvrtc()
+    return nvrtc.version if nvrtc is not None else None
+
+
 def nvcc_version() -> str:
     """nvcc's release line, e.g. 'release 13.0, V13.0.88'."""
     output = _run_nvcc(["--version"], "report its version").stdout

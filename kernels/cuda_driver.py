@@ -101,15 +101,17 @@ class FusedKernel:
         return _PushedContext(self.context)
 
     def launch(self, mode: str, keypoints: int, crop_size: int, part_weights: int, num_clips: int,
-               stream: int = 0) -> None:
+               stream: int = 0, geometry=None) -> None:
         """Launch the kernel of ``mode`` on ``stream`` (a CUstream handle, 0 = legacy default)
         with device pointers ``keypoints`` [N,4,17,3], ``crop_size`` [N,4,2] and
-        ``part_weights`` [N,128,6] (float32, contiguous). Asynchronous: no synchronisation."""
+        ``part_weights`` [N,128,6] (float32, contiguous). Asynchronous: no synchronisation.
+        ``geometry`` ((grid), (block), shared bytes) defaults to ``launch_config(num_clips)``;
+        gpu_check passes the TensorRT plugin's to check that both give the same bits."""
         driver = _driver()
         function = self.functions.get(mode)
         if function is None:
             kernel_name(mode)                  # raises the message naming the valid modes
-        (grid_x, grid_y, grid_z), (block_x, block_y, block_z), shared = launch_config(num_clips)
+        (grid_x, grid_y, grid_z), (block_x, block_y, block_z), shared = geometry or launch_config(num_clips)
         # kernelParams: an array of pointers to each argument, which the driver copies at launch.
         values = (ctypes.c_void_p(keypoints), ctypes.c_void_p(crop_size), ctypes.c_int32(num_clips),
                   ctypes.c_void_p(part_weights))

@@ -1,6 +1,8 @@
 """The fused CUDA KeypointPartPool kernel on machines without a GPU: its arithmetic (the header
 built for the CPU) against the NumPy reference, its build for every GPU architecture, its
 launch geometry and PTX; and, where a CUDA device exists, the torch op's dispatch to it."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -309,16 +311,73 @@ def test_torch_op_on_cuda_runs_the_fused_kernel(clips):
         assert torch.equal(weights, again), "two launches on the same input differ"
 
 
-def test_gpu_check_refuses_cleanly_without_a_gpu():
+def _run_gpu_check(*arguments, out=None):
+    env = {name: value for name, value in os.environ.items() if name != "OUT"}
+    if out is not None:
+        env["OUT"] = str(out)
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *arguments],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _no_gpu_or_skip():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device: run benchmarks/gpu_check.py itself")
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
-                            capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_without_a_gpu_skips_each_gpu_part_with_a_line_and_fails():
+    _no_gpu_or_skip()
+    result = _run_gpu_check("--no-models")
     assert result.returncode == 1
-    assert result.stdout == ""
+    assert result.stdout.startswith("device: no CUDA GPU;") and "NVRTC " in result.stdout
+    for part in ("kernel check", "kernel speed", "memcheck", "CUDA graph", "torch.compile"):
+        assert f"skipped {part}: needs a CUDA GPU" in result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "GPU" in lines[0], result.stderr
+
+
+def test_gpu_check_without_a_gpu_writes_its_results_and_figures_to_out(tmp_path):
+    """The reduced models run on the CPU, their agreement checked as on a GPU; RESULTS.md (the
+    repository's, with this run's section) and the JSON land in $OUT, and the repository's
+    RESULTS.md is left alone when no GPU measured anything."""
+    _no_gpu_or_skip()
+    results_before = (REPO / "benchmarks" / "RESULTS.md").read_bytes()
+    result = _run_gpu_check("--reduced", "--model-repeats", "1", "--model-batches", "1", "--mode-batch", "1",
+                            out=tmp_path)
+    assert result.returncode == 1 and "GPU parts were skipped" in result.stderr, result.stderr
+    assert (REPO / "benchmarks" / "RESULTS.md").read_bytes() == results_before
+    written = (tmp_path / "RESULTS.md").read_text()
+    assert written.startswith(results_before.decode().rstrip("\n"))
+    assert "### Models on CPU, every heatmap mode" in written and "- skipped memcheck: needs a CUDA GPU" in written
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert figures["failures"] == [] and set(figures["figures"]["models"]["modes"]) == set(HEATMAP_MODES)
+    assert figures["figures"]["versions"]["nvrtc"] and "models" in figures["part_seconds"]
+    agreement = figures["figures"]["models"]["modes"]["mean"]["agreement"]
+    assert agreement["deploy fp32 vs reference fp32"]["max_relative"] <= 1e-4
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["RESULTS.md", "gpu_check.json"]
+
+
+def test_gpu_check_reads_compute_sanitizer_outcomes():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import read_memcheck
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert read_memcheck(0, "launched each mode once\n========= ERROR SUMMARY: 0 errors\n")["status"] == "clean"
+    errors = read_memcheck(1, "========= Invalid __global__ read of size 4\n========= ERROR SUMMARY: 3 errors\n")
+    assert (errors["status"], errors["errors"]) == ("errors", 3)
+    assert read_memcheck(1, "========= Error: Device not supported\n")["status"] == "refused"
+    assert read_memcheck(1, "Traceback ...\nKeyreidError: boom\n")["status"] == "not run"
+
+
+def test_gpu_check_figures_stay_json_even_with_a_failed_checks_infinite_error():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import json_safe
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    safe = json_safe({"rows": [{"error": float("inf"), "clips": np.int64(8)}], 1: (np.float32(0.5),)})
+    assert json.loads(json.dumps(safe, allow_nan=False)) == {"rows": [{"error": "inf", "clips": 8}], "1": [0.5]}
 
 
 def test_fused_kernel_without_cuda_python_names_the_extra_to_install():

@@ -79,8 +79,9 @@ def test_readme_offline_gpu_install_line_installs_keyreid_with_nothing_to_downlo
     help_text = run(["python3", "benchmarks/gpu_check.py", "--help"], env, REPO)
     assert help_text.returncode == 0 and help_text.stdout.startswith("usage:"), help_text.stderr
 
+    # The kernel tests; gpu_check's model run on the CPU (30 s) is not one of them.
     tests = run(["python3", "-m", "pytest", str(REPO / "tests" / "test_cuda_kernel.py"), "-q",
-                 "-p", "no:cacheprovider"], env, elsewhere, timeout=600)
+                 "-p", "no:cacheprovider", "-k", "not writes_its_results"], env, elsewhere, timeout=600)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
     assert re.search(r"\d+ passed", tests.stdout)
 
