@@ -383,7 +383,7 @@ def run_memcheck(ordinal: int) -> dict:
     sanitizer = find_compute_sanitizer()
     if sanitizer is None:
         return {"status": "not run", "errors": None, "detail": "compute-sanitizer was not found"}
-    command = [sanitizer, "--tool", "memcheck", "--leak-check", "full", sys.executable,
+    command = [sanitizer, "--tool", "memcheck", sys.executable,
                str(Path(__file__).resolve()), "--launch-once", "--device", str(ordinal)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=MEMCHECK_TIMEOUT_S)
@@ -400,7 +400,8 @@ def launch_once(ordinal: int) -> int:
     driver = require("cuda.bindings.driver")
     kernel = fused_kernel(ordinal)
     keypoints, crop_size = check_poses(8)
-    arrays = {"keypoints": keypoints, "crop_size": crop_size,
+    arrays = {"keypoints": np.ascontiguousarray(keypoints, np.float32),
+              "crop_size": np.ascontiguousarray(crop_size, np.float32),
               "weights": np.empty((8, NUM_PATCHES, NUM_PARTS), np.float32)}
     with kernel.current():
         pointers = {name: cuda_call(driver.cuMemAlloc(array.nbytes)) for name, array in arrays.items()}
