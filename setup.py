@@ -9,6 +9,14 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
+# Import package -> folder. Subfolders with an __init__.py become subpackages on their own
+# (runtime/x/ -> keyreid.runtime.x), so a new one needs no edit here.
+PACKAGE_FOLDERS = {
+    "keyreid": "keyreid",
+    "keyreid.kernels": "kernels",
+    "keyreid.export": "export",
+    "keyreid.runtime": "runtime",
+}
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "keyreid" / "__init__.py").read_text()).group(1)
 
 RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8", "onnxruntime>=1.17"]
@@ -18,12 +26,27 @@ GALLERY = ["faiss-cpu>=1.7.4"]     # large galleries (runtime/gallery_index.py);
 # OpenVINO's CPU plugin as a second .onnx backend; onnx inlines the file's local functions,
 # which OpenVINO's ONNX frontend does not (runtime/engine_openvino.py). Tested with 2026.4.1.
 OPENVINO = ["openvino>=2026.0", "onnx>=1.16"]
-TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10"] + GALLERY + OPENVINO
+# setuptools: tests/test_install.py installs offline (--no-build-isolation) with the one installed,
+# which pyproject.toml's minimum must cover.
+TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10", "setuptools>=70.1"] + GALLERY + OPENVINO
 # The Triton client (engine grpc:// and http://) and Triton's ModelConfig protobuf (repository checks).
 TRITON = ["tritonclient[grpc,http]>=2.40"]
 # PyTriton bundles a CPU-capable tritonserver (Linux x86_64/aarch64, glibc >= 2.35, about 190 MB
 # installed); runtime/serve_triton.py and the loopback tests run on it. It pins numpy < 2.
 TRITON_SERVER = TRITON + ['nvidia-pytriton>=0.5; platform_system == "Linux" and platform_machine in "x86_64 aarch64"']
+
+
+
+def find_packages_in_folders(package_folders):
+    """Every package under each folder of ``package_folders``: the folder itself and each
+    subfolder that holds an ``__init__.py``, named by its import path."""
+    packages = []
+    for package, folder in package_folders.items():
+        root = HERE / folder
+        for init in sorted(root.rglob("__init__.py")):
+            packages.append(".".join((package, *init.parent.relative_to(root).parts)))
+    return packages
+
 
 setup(
     name="keyreid",
@@ -32,13 +55,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["keyreid", "keyreid.kernels", "keyreid.export", "keyreid.runtime"],
-    package_dir={
-        "keyreid": "keyreid",
-        "keyreid.kernels": "kernels",
-        "keyreid.export": "export",
-        "keyreid.runtime": "runtime",
-    },
+    packages=find_packages_in_folders(PACKAGE_FOLDERS),
+    package_dir=PACKAGE_FOLDERS,
     # The fused kernel is compiled on first use (NVRTC or nvcc), so its sources ship with the package.
     package_data={"keyreid.kernels": ["*.cu", "*.cuh", "*.cpp"]},
     install_requires=RUNTIME,

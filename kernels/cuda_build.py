@@ -11,6 +11,8 @@ compiler: those are looked for only when PTX is asked for.
   where it imports, else ``nvcc``, cached on disk per source hash, architecture and compiler.
   It compiles on the machine that runs the kernel because PTX from a newer toolkit does not
   load on an older driver (CUDA 13 PTX on a JetPack 6 / CUDA 12 Jetson).
+  ``build_nvcc_fallback_image`` is what ``cuda_driver`` loads instead when the driver still
+  refuses that PTX (an NVRTC wheel newer than the driver): an nvcc cubin for the device.
 - ``build_fatbin(path)``: PTX and cubins for every architecture in ``ARCHITECTURES`` in one
   ``nvcc`` run, with ptxas's register and spill report (CI fails on a spill);
   ``build_shared_library(path)``: the same with the C launcher ``keypoint_part_pool_launch``.
@@ -192,6 +194,12 @@ def _load_nvrtc() -> Optional[_Nvrtc]:
     return _Nvrtc(nvrtc, (major, minor))
 
 
+def nvrtc_version() -> Optional[Tuple[int, int]]:
+    """(major, minor) of the NVRTC that ``compile_ptx`` would use, or None when none loads."""
+    nvrtc = _load_nvrtc()
+    return nvrtc.version if nvrtc is not None else None
+
+
 def nvcc_version() -> str:
     """nvcc's release line, e.g. 'release 13.0, V13.0.88'."""
     output = _run_nvcc(["--version"], "report its version").stdout
@@ -199,12 +207,31 @@ def nvcc_version() -> str:
     return match.group(0) if match else output.strip().splitlines()[-1]
 
 
+def _nvcc_listed(option: str, prefix: str) -> List[int]:
+    """The architectures nvcc ``option`` lists, as numbers: ("--list-gpu-arch", "compute") for
+    PTX targets, ("--list-gpu-code", "sm") for cubin targets."""
+    listed = _run_nvcc([option], "list its architectures").stdout
+    return [int(arch) for arch in re.findall(prefix + r"_(\d+)", listed)]
+
+
 def _nvcc_archs() -> List[int]:
-    listed = _run_nvcc(["--list-gpu-arch"], "list its architectures").stdout
-    return [int(arch) for arch in re.findall(r"compute_(\d+)", listed)]
+    return _nvcc_listed("--list-gpu-arch", "compute")
 
 
-def compile_ptx(compute_capability: Tuple[int, int], compiler: Optional[str] = None) -> str:
+@dataclass(frozen=True)
+class KernelImage:
+    """What the driver loads: PTX text (JIT-compiled by the driver) or a cubin (loaded as is)."""
+    data: bytes
+    kind: str           # "ptx" or "cubin"
+    compiler: str       # the compiler and its version, e.g. "nvrtc13.0" or "nvcc13.0"
+
+
+def _nvcc_name() -> str:
+    """nvcc and its version as one token, e.g. 'nvcc13.0': a cache key and a label."""
+    return "nvcc" + re.sub(r"[^0-9.]", "", nvcc_version().split(",")[0])
+
+
+def build_ptx_image(compute_capability: Tuple[int, int], compiler: Optional[str] = None) -> KernelImage:
     """PTX of all three entry points for a device of ``compute_capability`` (major, minor).
 
     ``compiler`` is "nvrtc" (``cuda.bindings.nvrtc``), "nvcc", or None for NVRTC when it
@@ -221,26 +248,57 @@ def compile_ptx(compute_capability: Tuple[int, int], compiler: Optional[str] = N
         name = f"nvrtc{nvrtc.version[0]}.{nvrtc.version[1]}"
     elif compiler != "nvrtc" and find_nvcc() is not None:
         arch = _best_arch(_nvcc_archs(), major, minor)
-        name = "nvcc" + re.sub(r"[^0-9.]", "", nvcc_version().split(",")[0])
+        name = _nvcc_name()
     elif compiler == "nvrtc":
         raise KeyreidError(f"NVRTC is not available: {_NVRTC_HINT}")
     else:
         raise KeyreidError(f"no CUDA compiler for the fused kernel: {_NVRTC_HINT}, or install the "
                            f"CUDA toolkit (nvcc, or set {NVCC_ENV})")
     cached = cache_dir() / f"keypoint_part_pool-{source_hash()}-compute_{arch}-{name}.ptx"
-    if cached.is_file():
-        return cached.read_text()
-    ptx = nvrtc.compile_ptx(kernel_source(), arch) if nvrtc is not None else _nvcc_ptx(arch)
-    write_bytes(cached, ptx.encode())
-    return ptx
+    if not cached.is_file():
+        ptx = nvrtc.compile_ptx(kernel_source(), arch) if nvrtc is not None else _nvcc_ptx(arch)
+        write_bytes(cached, ptx.encode())
+    return KernelImage(cached.read_bytes(), "ptx", name)
+
+
+def compile_ptx(compute_capability: Tuple[int, int], compiler: Optional[str] = None) -> str:
+    """``build_ptx_image``'s PTX as text (what the TensorRT plugin hands TensorRT)."""
+    return build_ptx_image(compute_capability, compiler).data.decode()
+
+
+def build_nvcc_fallback_image(compute_capability: Tuple[int, int]) -> KernelImage:
+    """The image to load when the driver refuses the preferred PTX as too new a PTX ISA (an
+    NVRTC newer than the driver): nvcc's cubin for the device's own architecture, which the
+    driver loads without reading any PTX (a CUDA 12.x cubin runs on every 12.x driver), else,
+    when nvcc does not know that architecture, nvcc's PTX. Cached like the PTX."""
+    major, minor = _check_capability(compute_capability)
+    if find_nvcc() is None:
+        raise KeyreidError(f"nvcc was not found: install the CUDA toolkit or set {NVCC_ENV}")
+    arch = 10 * major + minor
+    if arch not in _nvcc_codes():
+        return build_ptx_image(compute_capability, compiler="nvcc")
+    name = _nvcc_name()
+    cached = cache_dir() / f"keypoint_part_pool-{source_hash()}-sm_{arch}-{name}.cubin"
+    if not cached.is_file():
+        write_bytes(cached, _nvcc_output("-cubin", f"-arch=sm_{arch}", "cubin"))
+    return KernelImage(cached.read_bytes(), "cubin", name)
+
+
+def _nvcc_codes() -> List[int]:
+    return _nvcc_listed("--list-gpu-code", "sm")
+
+
+def _nvcc_output(kind_flag: str, arch_flag: str, suffix: str) -> bytes:
+    """nvcc's output for the kernel source with one output kind (-ptx, -cubin) and one target."""
+    with tempfile.TemporaryDirectory(prefix="keyreid-nvcc-") as scratch:
+        output = Path(scratch) / f"keypoint_part_pool.{suffix}"
+        _run_nvcc([kind_flag, arch_flag, "-o", str(output), str(KERNEL_SOURCE)],
+                  f"compile the kernel with {arch_flag}")
+        return output.read_bytes()
 
 
 def _nvcc_ptx(arch: int) -> str:
-    with tempfile.TemporaryDirectory(prefix="keyreid-ptx-") as scratch:
-        output = Path(scratch) / "keypoint_part_pool.ptx"
-        _run_nvcc(["-ptx", f"-arch=compute_{arch}", "-o", str(output), str(KERNEL_SOURCE)],
-                  f"compile the kernel for compute_{arch}")
-        return output.read_text()
+    return _nvcc_output("-ptx", f"-arch=compute_{arch}", "ptx").decode()
 
 
 # --- every architecture at once (CI, packaging) ----------------------------------------------

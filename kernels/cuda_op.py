@@ -52,11 +52,11 @@ def part_weights_fused(keypoints: torch.Tensor, crop_size: torch.Tensor, mode: s
         raise KeyreidError(f"keypoints are on {keypoints.device} but crop_size is on {crop_size.device}")
     device = keypoints.device
     ordinal = device.index if device.index is not None else torch.cuda.current_device()
+    keypoints = keypoints.to(torch.float32).contiguous()
+    crop_size = crop_size.to(torch.float32).contiguous()
     kernel = _kernel_for(ordinal)
     if kernel is None:
         return part_weights_torch(keypoints, crop_size, mode)
-    keypoints = keypoints.to(torch.float32).contiguous()
-    crop_size = crop_size.to(torch.float32).contiguous()
     weights = torch.empty((num_clips, NUM_PATCHES, NUM_PARTS), dtype=torch.float32, device=device)
     if num_clips:
         launch(kernel, mode, keypoints, crop_size, weights)

@@ -15,7 +15,9 @@ from keyreid.lazy import require
 
 @torch.library.custom_op("keyreid::keypoint_part_pool", mutates_args=())
 def keypoint_part_pool(keypoints: torch.Tensor, crop_size: torch.Tensor, mode: str) -> torch.Tensor:
-    return part_weights_torch(keypoints, crop_size, mode)
+    # float32 whatever the inputs' dtype, and contiguous, as the CUDA kernel writes and the fake
+    # below declares (part_weights_torch's result is a transposed view).
+    return part_weights_torch(keypoints.to(torch.float32), crop_size.to(torch.float32), mode).contiguous()
 
 
 @keypoint_part_pool.register_kernel("cuda")
@@ -27,7 +29,9 @@ def _(keypoints, crop_size, mode):
 
 @keypoint_part_pool.register_fake
 def _(keypoints, crop_size, mode):
-    return keypoints.new_empty(keypoints.shape[0], NUM_PATCHES, NUM_PARTS)
+    # float32 like both kernels above, not the keypoints' dtype: torch.compile and torch.export
+    # trace with this.
+    return keypoints.new_empty(keypoints.shape[0], NUM_PATCHES, NUM_PARTS, dtype=torch.float32)
 
 
 class GraphPartPool(torch.nn.Module):

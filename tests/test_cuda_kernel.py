@@ -1,6 +1,8 @@
 """The fused CUDA KeypointPartPool kernel on machines without a GPU: its arithmetic (the header
 built for the CPU) against the NumPy reference, its build for every GPU architecture, its
 launch geometry and PTX; and, where a CUDA device exists, the torch op's dispatch to it."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +191,67 @@ def test_compile_ptx_without_any_compiler_says_what_to_install(monkeypatch):
         cuda_build.compile_ptx((9, 0))
 
 
+def _refuse_first_image(loaded):
+    """A module load that fails the first time as a driver older than the PTX does, and
+    afterwards returns the image it was given: the fault injected into load_kernel_image."""
+    from keyreid.kernels.cuda_driver import UNSUPPORTED_PTX_VERSION, CudaDriverError
+
+    def load(image):
+        loaded.append(image)
+        if len(loaded) == 1:
+            raise CudaDriverError(UNSUPPORTED_PTX_VERSION, f"CUDA driver error {UNSUPPORTED_PTX_VERSION}")
+        return image
+    return load
+
+
+@needs_nvcc
+def test_driver_refusing_the_ptx_as_too_new_loads_an_nvcc_cubin_instead(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import load_kernel_image
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    loaded = []
+    module, image = load_kernel_image((8, 7), _refuse_first_image(loaded))
+    assert len(loaded) == 2 and b".target sm_87" in loaded[0], "the preferred PTX was not tried first"
+    assert image.kind == "cubin" and image.compiler.startswith("nvcc") and module == image.data
+    assert image.data.startswith(b"\x7fELF")
+    for mode in HEATMAP_MODES:
+        assert cuda_build.kernel_name(mode).encode() in image.data
+    assert len(list(tmp_path.glob("keypoint_part_pool-*-sm_87-nvcc*.cubin"))) == 1
+
+
+@needs_nvcc
+def test_driver_refusing_the_ptx_for_a_device_nvcc_cannot_build_cubins_for_loads_nvcc_ptx(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import load_kernel_image
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cuda_build, "_nvcc_codes", lambda: [75])     # fault: an nvcc without sm_87
+    loaded = []
+    _, image = load_kernel_image((8, 7), _refuse_first_image(loaded))
+    assert (image.kind, image.compiler[:4]) == ("ptx", "nvcc") and b".target sm_87" in image.data
+
+
+def test_other_driver_errors_on_loading_are_not_retried(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import CudaDriverError, load_kernel_image
+    if cuda_build._load_nvrtc() is None and cuda_build.find_nvcc() is None:
+        pytest.skip("no CUDA compiler")
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    loaded = []
+
+    def load(image):
+        loaded.append(image)
+        raise CudaDriverError("CUDA_ERROR_OUT_OF_MEMORY", "CUDA driver error CUDA_ERROR_OUT_OF_MEMORY")
+    with pytest.raises(CudaDriverError, match="OUT_OF_MEMORY"):
+        load_kernel_image((8, 7), load)
+    assert len(loaded) == 1
+
+
+def test_driver_refusing_the_ptx_without_nvcc_names_the_driver_and_the_compiler(tmp_path, monkeypatch):
+    from keyreid.kernels.cuda_driver import load_kernel_image
+    _nvrtc_or_skip()                                             # NVRTC's PTX is refused, then
+    monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)   # fault: there is no nvcc
+    with pytest.raises(KeyreidError, match=r"cannot load PTX ISA [\d.]+ from \w+.*no other compiler"):
+        load_kernel_image((8, 7), _refuse_first_image([]))
+
+
 def test_compile_ptx_rejects_a_malformed_compute_capability():
     with pytest.raises(KeyreidError, match=r"\(major, minor\)"):
         cuda_build.compile_ptx("sm_90")
@@ -201,6 +264,25 @@ def test_torch_op_has_a_cuda_implementation_registered():
     import keyreid.kernels.graph_op  # noqa: F401  (registers the op)
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has_kernel("keyreid::keypoint_part_pool", "CUDA")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_torch_op_returns_float32_for_other_keypoint_dtypes_in_eager_and_fake_mode(dtype):
+    """The CUDA kernel always writes float32, so the CPU op and the fake that torch.compile and
+    torch.export trace with must say float32 too (opcheck compares the fake with the real op)."""
+    torch = pytest.importorskip("torch")
+    import keyreid.kernels.graph_op  # noqa: F401
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    keypoints, crop_size = realistic_keypoints(np.random.default_rng(5), 2)
+    keypoints = torch.from_numpy(keypoints).to(getattr(torch, dtype))
+    crop_size = torch.from_numpy(crop_size).to(getattr(torch, dtype))
+    op = torch.ops.keyreid.keypoint_part_pool.default
+    assert op(keypoints, crop_size, "max").dtype == torch.float32
+    with FakeTensorMode() as fake_mode:
+        fake = op(fake_mode.from_tensor(keypoints), fake_mode.from_tensor(crop_size), "max")
+    assert fake.dtype == torch.float32 and tuple(fake.shape) == (2, NUM_PATCHES, NUM_PARTS)
+    torch.library.opcheck(op, (keypoints, crop_size, "mean"),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_op_on_cuda_runs_the_fused_kernel(clips):
@@ -229,16 +311,73 @@ def test_torch_op_on_cuda_runs_the_fused_kernel(clips):
         assert torch.equal(weights, again), "two launches on the same input differ"
 
 
-def test_gpu_check_refuses_cleanly_without_a_gpu():
+def _run_gpu_check(*arguments, out=None):
+    env = {name: value for name, value in os.environ.items() if name != "OUT"}
+    if out is not None:
+        env["OUT"] = str(out)
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *arguments],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _no_gpu_or_skip():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device: run benchmarks/gpu_check.py itself")
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")],
-                            capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_without_a_gpu_skips_each_gpu_part_with_a_line_and_fails():
+    _no_gpu_or_skip()
+    result = _run_gpu_check("--no-models")
     assert result.returncode == 1
-    assert result.stdout == ""
+    assert result.stdout.startswith("device: no CUDA GPU;") and "NVRTC " in result.stdout
+    for part in ("kernel check", "kernel speed", "memcheck", "CUDA graph", "torch.compile"):
+        assert f"skipped {part}: needs a CUDA GPU" in result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "GPU" in lines[0], result.stderr
+
+
+def test_gpu_check_without_a_gpu_writes_its_results_and_figures_to_out(tmp_path):
+    """The reduced models run on the CPU, their agreement checked as on a GPU; RESULTS.md (the
+    repository's, with this run's section) and the JSON land in $OUT, and the repository's
+    RESULTS.md is left alone when no GPU measured anything."""
+    _no_gpu_or_skip()
+    results_before = (REPO / "benchmarks" / "RESULTS.md").read_bytes()
+    result = _run_gpu_check("--reduced", "--model-repeats", "1", "--model-batches", "1", "--mode-batch", "1",
+                            out=tmp_path)
+    assert result.returncode == 1 and "GPU parts were skipped" in result.stderr, result.stderr
+    assert (REPO / "benchmarks" / "RESULTS.md").read_bytes() == results_before
+    written = (tmp_path / "RESULTS.md").read_text()
+    assert written.startswith(results_before.decode().rstrip("\n"))
+    assert "### Models on CPU, every heatmap mode" in written and "- skipped memcheck: needs a CUDA GPU" in written
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert figures["failures"] == [] and set(figures["figures"]["models"]["modes"]) == set(HEATMAP_MODES)
+    assert figures["figures"]["versions"]["nvrtc"] and "models" in figures["part_seconds"]
+    agreement = figures["figures"]["models"]["modes"]["mean"]["agreement"]
+    assert agreement["deploy fp32 vs reference fp32"]["max_relative"] <= 1e-4
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["RESULTS.md", "gpu_check.json"]
+
+
+def test_gpu_check_reads_compute_sanitizer_outcomes():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import read_memcheck
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert read_memcheck(0, "launched each mode once\n========= ERROR SUMMARY: 0 errors\n")["status"] == "clean"
+    errors = read_memcheck(1, "========= Invalid __global__ read of size 4\n========= ERROR SUMMARY: 3 errors\n")
+    assert (errors["status"], errors["errors"]) == ("errors", 3)
+    assert read_memcheck(1, "========= Error: Device not supported\n")["status"] == "refused"
+    assert read_memcheck(1, "Traceback ...\nKeyreidError: boom\n")["status"] == "not run"
+
+
+def test_gpu_check_figures_stay_json_even_with_a_failed_checks_infinite_error():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import json_safe
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    safe = json_safe({"rows": [{"error": float("inf"), "clips": np.int64(8)}], 1: (np.float32(0.5),)})
+    assert json.loads(json.dumps(safe, allow_nan=False)) == {"rows": [{"error": "inf", "clips": 8}], "1": [0.5]}
 
 
 def test_fused_kernel_without_cuda_python_names_the_extra_to_install():
