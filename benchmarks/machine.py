@@ -58,7 +58,13 @@ def gemm_rates(threads: int, size: int = 2048, repeats: int = 5) -> dict:
         session, feed = gemm_session(precision, threads, size)
         rates[f"{precision}_ops_per_s"] = _square_product_rate(lambda: session.run(None, feed), size, repeats)
     rates["torch_fp32_ops_per_s"] = _torch_fp32_rate(threads, size, repeats)
+    for precision in OPENVINO_PRECISIONS:
+        rates[f"openvino_{precision}_ops_per_s"] = _openvino_rate(precision, threads, size, repeats)
     return rates
+
+
+# OpenVINO's compute precisions measured (its own names); bf16 only where the CPU has it.
+OPENVINO_PRECISIONS = ("f32", "bf16")
 
 
 def _square_product_rate(product, size: int, repeats: int) -> float:
@@ -83,3 +89,29 @@ def _torch_fp32_rate(threads: int, size: int, repeats: int):
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
     return _square_product_rate(lambda: torch.matmul(a, b), size, repeats)
+
+
+def _openvino_rate(precision: str, threads: int, size: int, repeats: int):
+    """OpenVINO's CPU plugin multiplying an input by a constant matrix (as the model's layers do)
+    in compute precision ``precision``: the limit of the OpenVINO rows. None without OpenVINO,
+    or for bf16 on a CPU without bf16 arithmetic."""
+    from keyreid.cpu_features import cpu_isa
+
+    try:
+        import numpy as np
+        import openvino as ov
+        import openvino.properties as properties
+        import openvino.properties.hint as hints
+    except ImportError:
+        return None
+    if precision == "bf16" and not cpu_isa().bf16:
+        return None
+    rng = np.random.default_rng(0)
+    activation = ov.opset13.parameter([size, size], ov.Type.f32, name="a")
+    weight = ov.opset13.constant(rng.standard_normal((size, size), np.float32))
+    model = ov.Model([ov.opset13.matmul(activation, weight, False, False)], [activation], f"gemm_{precision}")
+    compiled = ov.Core().compile_model(model, "CPU", {
+        hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32,
+        hints.performance_mode: hints.PerformanceMode.LATENCY, properties.inference_num_threads: threads})
+    request, feed = compiled.create_infer_request(), {"a": rng.standard_normal((size, size), np.float32)}
+    return _square_product_rate(lambda: request.infer(feed), size, repeats)

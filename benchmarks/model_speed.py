@@ -96,6 +96,14 @@ def onnxruntime_runner(onnx_path: Path, threads: int, providers: Sequence[str] =
     return engine.activate().infer
 
 
+def openvino_runner(onnx_path: Path, threads: int, inference_precision: str = "f32"):
+    """The runtime's OpenVINO engine as a user gets it (whole batches per request)."""
+    from keyreid.runtime.engine_openvino import OpenVinoEngine
+
+    engine = OpenVinoEngine(onnx_path, threads=threads, inference_precision=inference_precision)
+    return engine.activate().infer
+
+
 # ----------------------------------------------------------------------------- the part-weight op
 
 def part_weight_runners(threads: int, heatmap_mode: str) -> Dict[str, Callable[[Feed], np.ndarray]]:

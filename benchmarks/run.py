@@ -28,9 +28,9 @@ from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
-from machine import banner, describe, gemm_rates  # noqa: E402
-from model_speed import (PeakMemory, deploy_runner, onnxruntime_runner, part_weight_runners,  # noqa: E402
-                         reference_runner, sample_feed, summarise, timed_calls)
+from machine import OPENVINO_PRECISIONS, banner, describe, gemm_rates  # noqa: E402
+from model_speed import (PeakMemory, deploy_runner, onnxruntime_runner, openvino_runner,  # noqa: E402
+                         part_weight_runners, reference_runner, sample_feed, summarise, timed_calls)
 
 RESULTS = HERE / "results"
 RUNNER_TRACKLETS, RUNNER_FRAMES, RUNNER_MAX_BATCH = 8, 16, 8
@@ -55,7 +55,8 @@ def build_parser():
 
 
 def export_models(checkpoint, heatmap_mode: str, workdir: Path, stem: str, precisions) -> dict:
-    """{precision: path}; the graph is traced once and the other precisions derive from it."""
+    """{variant: path}; the graph is traced once and the other variants derive from it. A variant
+    is a precision (int8: this machine's target CPU) or ``int8-<target>`` for another target."""
     import onnx
     from keyreid.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, stamp_metadata, \
         write_model_atomically
@@ -68,10 +69,13 @@ def export_models(checkpoint, heatmap_mode: str, workdir: Path, stem: str, preci
         print(f"exporting {', '.join(missing)} (not timed)", flush=True)
         fp32 = export_fp32(checkpoint, heatmap_mode)
         for precision in missing:
-            model = {"fp32": lambda: fp32, "int8": lambda: to_int8(fp32, int8_target),
-                     "fp16": lambda: to_fp16(onnx.ModelProto.FromString(fp32.SerializeToString()))}[precision]()
-            stamp_metadata(model, checkpoint, heatmap_mode, precision, DEFAULT_OPSET,
-                           int8_target if precision == "int8" else None)
+            target = precision.partition("-")[2] or int8_target
+            model = {"fp32": lambda: fp32, "int8": lambda: to_int8(fp32, target),
+                     "fp16": lambda: to_fp16(onnx.ModelProto.FromString(fp32.SerializeToString()))
+                     }[precision.partition("-")[0]]()
+            file_precision = precision.partition("-")[0]
+            stamp_metadata(model, checkpoint, heatmap_mode, file_precision, DEFAULT_OPSET,
+                           target if file_precision == "int8" else None)
             check_model(model)
             write_model_atomically(model, paths[precision])
     return paths
@@ -101,9 +105,14 @@ def count_arithmetic(checkpoint, heatmap_mode: str, onnx_paths: dict) -> dict:
     return counts
 
 
-def limit_clips_per_s(arithmetic: dict, limits: dict) -> float:
+# The GEMM rate that bounds an engine's float products: its library's, at its compute precision
+# (int8 products always run at ONNX Runtime's int8 rate: only ONNX Runtime runs int8 files).
+FLOAT_LIMIT_KEYS = {"openvino f32": "openvino_f32_ops_per_s", "openvino bf16": "openvino_bf16_ops_per_s"}
+
+
+def limit_clips_per_s(arithmetic: dict, limits: dict, float_key: str = "fp32_ops_per_s") -> float:
     """Clips/s if every counted product ran at this machine's GEMM rate and nothing else cost."""
-    seconds = arithmetic["fp32_flops"] / limits["fp32_ops_per_s"] + 2 * arithmetic["int8_macs"] / limits["int8_ops_per_s"]
+    seconds = arithmetic["fp32_flops"] / limits[float_key] + 2 * arithmetic["int8_macs"] / limits["int8_ops_per_s"]
     return 1.0 / seconds
 
 
@@ -156,7 +165,7 @@ def measure_runner(onnx_paths: dict, workdir: Path, threads: int, repeats: int) 
         make_tracklet_folder(folder, RUNNER_TRACKLETS, RUNNER_FRAMES)
     results = {}
     for precision, path in onnx_paths.items():
-        if precision == "fp16":
+        if precision == "fp16" or "-" in precision:     # the end-to-end runner: the files a user here runs
             continue
         with PeakMemory() as memory:
             measured = runner_speed(path, folder, max_batch=RUNNER_MAX_BATCH, threads=threads, repeats=repeats,
@@ -181,8 +190,12 @@ def measure_part_weight_op(feeds: dict, threads: int, heatmap_mode: str, repeats
 def limit_line(rates: dict) -> str:
     torch_rate = rates.get("torch_fp32_ops_per_s")
     torch_note = f"; torch fp32 {torch_rate / 1e9:.0f} GFLOP/s, what the reference runs on" if torch_rate else ""
-    return (f"fp32 GEMM {rates['fp32_ops_per_s'] / 1e9:.0f} GFLOP/s, int8 GEMM {rates['int8_ops_per_s'] / 1e9:.0f} GOP/s "
-            f"({rates['size']}^2 matrices, ONNX Runtime, {rates['threads']} threads{torch_note})")
+    openvino = [f"{precision} {rates[f'openvino_{precision}_ops_per_s'] / 1e9:.0f}" for precision in OPENVINO_PRECISIONS
+                if rates.get(f"openvino_{precision}_ops_per_s")]
+    openvino_note = f"; OpenVINO {', '.join(openvino)} GFLOP/s" if openvino else ""
+    return (f"ONNX Runtime fp32 GEMM {rates['fp32_ops_per_s'] / 1e9:.0f} GFLOP/s, int8 GEMM "
+            f"{rates['int8_ops_per_s'] / 1e9:.0f} GOP/s ({rates['size']}^2 matrices, {rates['threads']} threads"
+            f"{torch_note}{openvino_note})")
 
 
 def annotate(engines: dict, arithmetic: dict, limits: dict) -> None:
@@ -191,7 +204,7 @@ def annotate(engines: dict, arithmetic: dict, limits: dict) -> None:
         graph = result.get("graph", name)
         counted = arithmetic[graph]
         result["arithmetic_per_clip"] = counted
-        result["limit_clips_per_s"] = limit_clips_per_s(counted, limits)
+        result["limit_clips_per_s"] = limit_clips_per_s(counted, limits, FLOAT_LIMIT_KEYS.get(name, "fp32_ops_per_s"))
         batches = result["batches"]
         for batch, entry in batches.items():
             reference = engines["reference"]["batches"].get(batch)
@@ -213,6 +226,44 @@ def table(engines: dict) -> str:
             lines.append(f"{name if index == 0 else '':<20}{batch:>6}{entry['clips_per_s']:>10.3f}{ratio:>8}"
                          f"{latency}{entry['ops_per_s'] / 1e9:>8.1f}{entry['fraction_of_limit']:>10.0%}{rss}")
     return "\n".join(lines)
+
+
+def openvino_installed() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("OpenVINO rows skipped: pip install 'keyreid[openvino]'", flush=True)
+        return False
+    return True
+
+
+def targets_summary(engines: dict, limit: dict, agreement: dict) -> list:
+    """The ratios the CPU-portability targets are stated in, for every measured batch size:
+    the best fp32 engine against the fastest fp32 GEMM any library here reached, the best int8
+    engine against the best fp32 one, bf16 against fp32."""
+    float_rates = {"ONNX Runtime": limit["fp32_ops_per_s"], "torch": limit.get("torch_fp32_ops_per_s"),
+                   "OpenVINO": limit.get("openvino_f32_ops_per_s")}
+    fastest_library = max((name for name, rate in float_rates.items() if rate), key=lambda name: float_rates[name])
+    groups = {"fp32": ("onnx fp32", "openvino f32"), "int8": ("onnx int8",), "bf16": ("openvino bf16",)}
+    lines = []
+    batches = engines["onnx fp32"]["batches"]
+    for batch in batches:
+        best = {}
+        for group, names in groups.items():
+            measured = [(engines[name]["batches"][batch]["clips_per_s"], name) for name in names
+                        if name in engines and batch in engines[name]["batches"]]
+            if measured:
+                best[group] = max(measured)
+        fp32_speed, fp32_name = best["fp32"]
+        flops = engines["onnx fp32"]["arithmetic_per_clip"]["fp32_flops"]
+        line = (f"batch {batch}: best fp32 {fp32_name} at {fp32_speed * flops / float_rates[fastest_library]:.0%} "
+                f"of {fastest_library}'s fp32 GEMM rate (the fastest here)")
+        for group in ("int8", "bf16"):
+            if group in best:
+                speed, name = best[group]
+                line += f"; {name} {speed / fp32_speed:.2f}x the best fp32 (cosine {agreement[name]['min_cosine_vs_reference']:.5f})"
+        lines.append(line)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -237,7 +288,12 @@ def main(argv=None) -> int:
         check_writable(path, "results")
     info = describe(args.threads)
     print(banner(info))
-    precisions = ["fp32", "int8"] + (["fp16"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    from keyreid.cpu_features import cpu_isa
+    from keyreid.export.precision import resolve_int8_target
+
+    # this machine's int8 file, and the AVX2 recipe's beside it (its cost where VNNI needs no narrowing)
+    precisions = ["fp32", "int8"] + (["int8-avx2"] if resolve_int8_target() != "avx2" else []) \
+        + (["fp16"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
     with tempfile.TemporaryDirectory() as scratch:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +318,10 @@ def main(argv=None) -> int:
             providers = ["CUDAExecutionProvider"] if precision == "fp16" else ["CPUExecutionProvider"]
             factories[f"onnx {precision}"] = lambda path=path, providers=providers: \
                 onnxruntime_runner(path, args.threads, providers)
+        if openvino_installed():
+            for precision in ("f32",) + (("bf16",) if cpu_isa().bf16 else ()):
+                factories[f"openvino {precision}"] = lambda precision=precision: \
+                    openvino_runner(onnx_paths["fp32"], args.threads, precision)
         print(f"model width {checkpoint.config.embed_dim}, heatmap mode {mode}; each measurement: one warm-up, "
               f"then up to {args.repeats} calls or {args.budget:g} s", flush=True)
         engines, outputs = measure_engines(factories, feeds, args.repeats, args.budget)
@@ -276,10 +336,14 @@ def main(argv=None) -> int:
     print(f"limits, measured again: {limit_line(limits[1])}")
     # The limit is the fastest the machine was seen to multiply: on a shared machine a single
     # measurement can land in a busy moment and make every engine look faster than its limit.
-    limit = {key: max(entry[key] for entry in limits) for key in ("fp32_ops_per_s", "int8_ops_per_s")}
+    limit = {key: max(entry[key] for entry in limits) if limits[0].get(key) else None
+             for key in ("fp32_ops_per_s", "int8_ops_per_s") + tuple(FLOAT_LIMIT_KEYS.values())}
     limit.update(size=limits[0]["size"], threads=args.threads, measurements=limits)
     torch_rates = [entry["torch_fp32_ops_per_s"] for entry in limits if entry.get("torch_fp32_ops_per_s")]
     limit["torch_fp32_ops_per_s"] = max(torch_rates) if torch_rates else None     # context, not a limit
+    for name in FLOAT_LIMIT_KEYS:
+        if name in engines:
+            engines[name]["graph"] = "onnx fp32"
     annotate(engines, arithmetic, limit)
 
     print()
@@ -289,6 +353,7 @@ def main(argv=None) -> int:
         + (f", part_weights vs fp32 {entry['part_weights_max_diff_vs_onnx_fp32']:.1e}"
            if entry["part_weights_max_diff_vs_onnx_fp32"] is not None else "")
         for name, entry in agreement.items() if name != "reference"))
+    print("\n".join(targets_summary(engines, limit, agreement)))
     print("part-weight op alone, clips/s: " + "; ".join(
         f"{name} " + "/".join(f"{entry[batch]['clips_per_s']:.0f}" for batch in args.batch_sizes)
         for name, entry in part_weight_op.items()) + f" (batch {'/'.join(map(str, args.batch_sizes))})")

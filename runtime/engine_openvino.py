@@ -19,8 +19,12 @@ bf16 on CPUs with AMX unless ``INFERENCE_PRECISION_HINT`` is set, so it is alway
 - ``"auto"``: bf16 on AMX CPUs (``cpu_isa().amx_bf16``), f32 everywhere else. On AMX the tiles
   make bf16 products much faster and ViT-B's embedding kept cosine 0.99995 to f32 (measured by a
   colleague); AVX-512 BF16 without AMX gains less, so it stays f32 until a benchmark says otherwise.
-  bf16 also reaches ``part_weights``: on the reduced test models they moved by up to 0.06 in
-  heatmap mode mean (0 in mode max), while the embedding cosine stayed >= 0.99996.
+  The part weights never run in bf16: under the bf16 hint OpenVINO would lower the keypoint op's
+  own matrix products too (mode mean moved ``part_weights`` by up to 0.06 on the reduced test
+  models), and OpenVINO's Python API has no per-node way to keep them in f32. So in bf16 the
+  graph is cut at ``part_weights``: the keypoint op compiles alone in f32, the network in bf16
+  with the part weights as an input, and each call runs the two in turn. ``part_weights`` then
+  equal f32's; only the embedding carries bf16's rounding.
 
 Threads: the engine holds one ``InferRequest`` behind a lock, so ``infer`` is thread-safe and
 concurrent calls run one after another. The model is compiled with the LATENCY hint (one
@@ -41,6 +45,9 @@ from keyreid.runtime.engines import (Engine, EngineInfo, FoundTensor, check_io, 
                                      run_in_pieces)
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "auto")
+# Where the bf16 graph is cut (the keypoint op's inputs and output, SPEC section 6).
+PART_WEIGHT_INPUTS = ("keypoints", "crop_size")
+OUTPUT_PART_WEIGHTS = "part_weights"
 _ONNX_FOR_OPENVINO = ("openvino", "inlining the model's ONNX functions for OpenVINO")
 # File precisions (ONNX metadata ``precision``) OpenVINO cannot read, and why.
 UNSUPPORTED_FILE_PRECISIONS = {
@@ -112,6 +119,32 @@ def inlined_onnx_bytes(path: Path):
     return model.SerializeToString(), metadata
 
 
+def part_weight_model(ov, model):
+    """The keypoint op alone: keypoints, crop_size -> part_weights (a new graph, ``model`` kept)."""
+    clone = model.clone()
+    parameters = {parameter.get_output_tensor(0).get_any_name(): parameter for parameter in clone.get_parameters()}
+    results = [result for result in clone.get_results() if OUTPUT_PART_WEIGHTS in result.input_value(0).get_names()]
+    return ov.Model(results, [parameters[name] for name in PART_WEIGHT_INPUTS], "keyreid_part_weights")
+
+
+def network_model(ov, model):
+    """Everything but the keypoint op: frames, camera, part_weights -> embedding, part_weights
+    arriving as an input (a new graph, ``model`` kept)."""
+    clone = model.clone()
+    part_weights_result = next(result for result in clone.get_results()
+                               if OUTPUT_PART_WEIGHTS in result.input_value(0).get_names())
+    produced = part_weights_result.input_value(0)
+    fed = ov.opset13.parameter(produced.get_partial_shape(), produced.get_element_type(), name=OUTPUT_PART_WEIGHTS)
+    fed.output(0).set_names({OUTPUT_PART_WEIGHTS})
+    for target in produced.get_target_inputs():
+        if target.get_node() != part_weights_result:
+            target.replace_source_output(fed.output(0))
+    parameters = [parameter for parameter in clone.get_parameters()
+                  if parameter.get_output_tensor(0).get_any_name() not in PART_WEIGHT_INPUTS]
+    results = [result for result in clone.get_results() if result != part_weights_result]
+    return ov.Model(results, parameters + [fed], "keyreid_network")
+
+
 class OpenVinoEngine(Engine):
     """An ``.onnx`` model (fp32 or fp16) on OpenVINO's CPU plugin. Thread-safe: one infer
     request behind a lock (see the module docstring)."""
@@ -141,8 +174,7 @@ class OpenVinoEngine(Engine):
         self._max_batch = max_batch
         self._clips_per_run = clips_per_run
         self._lock = threading.Lock()
-        self._compiled = None
-        self._request = None
+        self._requests: list = []     # (infer request, its input names), run in order
         self._output_names: list = []
         self._precision = ""
 
@@ -168,17 +200,22 @@ class OpenVinoEngine(Engine):
         input_specs, output_specs = check_io(self.path, [_found_tensor(port) for port in model.inputs],
                                              [_found_tensor(port) for port in model.outputs])
         num_cameras = metadata_num_cameras(metadata, self.path)
-        config = {hints.inference_precision: ov.Type.bf16 if self._pinned_precision == "bf16" else ov.Type.f32,
-                  hints.performance_mode: hints.PerformanceMode.LATENCY}
+        config = {hints.performance_mode: hints.PerformanceMode.LATENCY}
         if self._threads is not None:
             config[properties.inference_num_threads] = self._threads
-        try:
-            compiled = core.compile_model(model, "CPU", config)   # the batch axis stays dynamic
-        except Exception as exc:
-            raise KeyreidError(f"{self.path}: OpenVINO cannot compile this model: {_first_line(exc)}") from exc
+        if self._pinned_precision == "bf16":
+            stages = [(part_weight_model(ov, model), ov.Type.f32), (network_model(ov, model), ov.Type.bf16)]
+        else:
+            stages = [(model, ov.Type.f32)]
+        requests = []
+        for stage, precision in stages:
+            try:     # the batch axis stays dynamic
+                compiled = core.compile_model(stage, "CPU", {**config, hints.inference_precision: precision})
+            except Exception as exc:
+                raise KeyreidError(f"{self.path}: OpenVINO cannot compile this model: {_first_line(exc)}") from exc
+            requests.append((compiled.create_infer_request(), [port.get_any_name() for port in stage.inputs]))
         self._precision = compiled.get_property(hints.inference_precision).get_type_name()
-        self._compiled = compiled
-        self._request = compiled.create_infer_request()
+        self._requests = requests
         self._output_names = [spec.name for spec in output_specs]
         return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras, metadata)
 
@@ -186,14 +223,16 @@ class OpenVinoEngine(Engine):
         return run_in_pieces(self._run, feed, self._clips_per_run)
 
     def _run(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        values = dict(feed)
         with self._lock:
-            # share_outputs=False: the results are copies, not views of the request's output
-            # tensors, which the next call overwrites.
-            results = self._request.infer(feed, share_outputs=False)
-            return {name: results[name] for name in self._output_names}
+            for request, input_names in self._requests:
+                # share_outputs=False: the results are copies, not views of the request's output
+                # tensors, which the next call overwrites.
+                results = request.infer({name: values[name] for name in input_names}, share_outputs=False)
+                values.update((port.get_any_name(), value) for port, value in results.items())
+        return {name: values[name] for name in self._output_names}
 
     def deactivate_impl(self) -> None:
         with self._lock:
-            self._request = None
-            self._compiled = None
+            self._requests = []
             self._output_names = []

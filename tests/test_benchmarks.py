@@ -58,8 +58,16 @@ def test_run_script_measures_every_engine_and_writes_json_and_figure(reduced_che
     printed = capsys.readouterr().out
     payload = json.loads(json_path.read_text())
     engines = payload["engines"]
-    assert list(engines) == ["reference", "torch deploy", "onnx fp32", "onnx int8", "runner (fp32)",
-                             "runner (int8)"]
+    from keyreid.cpu_features import cpu_isa
+    from keyreid.export.precision import resolve_int8_target
+
+    other_recipe = ["onnx int8-avx2"] if resolve_int8_target() != "avx2" else []     # its cost on this CPU
+    bf16 = ["openvino bf16"] if cpu_isa().bf16 else []
+    assert list(engines) == ["reference", "torch deploy", "onnx fp32", "onnx int8", *other_recipe, "openvino f32",
+                             *bf16, "runner (fp32)", "runner (int8)"]
+    assert engines["openvino f32"]["graph"] == "onnx fp32"
+    assert payload["accuracy"]["openvino f32"]["min_cosine_vs_reference"] > 0.9999
+    assert "fp32 GEMM rate (the fastest here)" in printed      # the targets summary
     for name, result in engines.items():
         assert name in printed
         for entry in result["batches"].values():
