@@ -123,6 +123,7 @@ def to_int8(model, target_cpu: Optional[str] = None):
     quantization = require("onnxruntime.quantization")
     from keyreid.export.cpu_rewrites import fuse_attention, gemms_as_matmuls, split_weight_stacks
     from keyreid.export.narrow_activations import narrow_dynamic_quantisation
+    from keyreid.export.quiet_logs import quantiser_hint_dropped
 
     recipe = RECIPES[resolve_int8_target(target_cpu)]
     functions = list(model.functions)
@@ -142,13 +143,14 @@ def to_int8(model, target_cpu: Optional[str] = None):
         try:
             # Full 8-bit weights (reduce_range=False) for every target: the AVX2 target narrows the
             # activations instead, which measured far cheaper (keyreid/int8_targets.py).
-            quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                          op_types_to_quantize=list(QUANTISED_OPS), per_channel=True,
-                                          reduce_range=False, nodes_to_quantize=targets,
-                                          # attention's activation x activation products stay fp32
-                                          extra_options={"MatMulConstBOnly": True,
-                                                         # contrib ops have no ONNX type inference
-                                                         "DefaultTensorType": onnx.TensorProto.FLOAT})
+            with quantiser_hint_dropped():
+                quantization.quantize_dynamic(
+                    str(source), str(target), weight_type=quantization.QuantType.QInt8,
+                    op_types_to_quantize=list(QUANTISED_OPS), per_channel=True, reduce_range=False,
+                    nodes_to_quantize=targets,
+                    # attention's activation x activation products stay fp32; contrib ops have no
+                    # ONNX type inference
+                    extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         except Exception as exc:  # the quantiser raises bare exceptions on graphs it cannot handle
             raise KeyreidError(f"int8 quantisation failed: {exc}") from exc
         quantized = onnx.load_model(str(target))
