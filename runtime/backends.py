@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple, Type
+from typing import Dict, Iterable, Mapping, Optional, Tuple, Type
 
 from keyreid.errors import KeyreidError
 from keyreid.model_kinds import KIND_NAMES, ModelKind
@@ -50,20 +50,34 @@ def backend_names() -> Tuple[str, ...]:
     return tuple(_BY_NAME)
 
 
-def auto_backend(kind: ModelKind) -> Backend:
-    """The backend ``auto`` picks for a model kind: the first row that runs it.
+# Options only some backends take (the keyword arguments behind their CLI flags).
+_SPECIFIC_OPTIONS = frozenset(keyword for backend in BACKENDS for keyword in backend.cli_flags.values())
 
-    This is the one place for a speed rule (for example OpenVINO on CPUs where benchmarks show it
-    faster than ONNX Runtime); until measurements decide one, ``.onnx`` files run on ONNX Runtime,
-    as they always did.
+
+def auto_backend(kind: ModelKind, options: Iterable[str] = ()) -> Backend:
+    """The backend ``auto`` picks for a model kind: the first row of ``BACKENDS`` that runs it and
+    takes every backend-specific option asked for (``options``: keyword names).
+
+    So a ``.onnx`` file runs on ONNX Runtime, and on OpenVINO when an OpenVINO-only option is
+    asked for (``inference_precision``: bf16 is OpenVINO's). Measured reasons, ViT-B, 2 threads
+    (benchmarks/RESULTS.md section 7): at the same f32 precision OpenVINO ran 0.96-1.06x ONNX
+    Runtime's speed on an AVX-512 VNNI EPYC (interleaved) and 1.05-1.17x on an AMX Xeon, at 3.4x
+    the peak memory (4.7 against 1.4 GiB); int8 files run on ONNX Runtime only. What OpenVINO
+    adds is bf16, which changes results, so it is asked for, never chosen silently.
     """
-    return next(backend for backend in BACKENDS if backend.kind == kind)
+    specific = set(options) & _SPECIFIC_OPTIONS
+    for backend in BACKENDS:
+        if backend.kind == kind and specific <= set(backend.cli_flags.values()):
+            return backend
+    raise KeyreidError(f"no backend for {KIND_NAMES[kind]} takes all of {', '.join(sorted(specific))}")
 
 
-def choose_backend(kind: ModelKind, requested: Optional[str] = AUTO, location: object = "") -> Backend:
-    """The backend that runs a model of ``kind``: ``requested`` by name, or the automatic choice."""
+def choose_backend(kind: ModelKind, requested: Optional[str] = AUTO, location: object = "",
+                   options: Iterable[str] = ()) -> Backend:
+    """The backend that runs a model of ``kind``: ``requested`` by name, or the automatic choice
+    for the options asked for (keyword names, see ``auto_backend``)."""
     if requested in (None, AUTO):
-        return auto_backend(kind)
+        return auto_backend(kind, options)
     backend = _BY_NAME.get(requested)
     if backend is None:
         raise KeyreidError(f"unknown backend {requested!r}; choose one of {', '.join((AUTO,) + backend_names())}")

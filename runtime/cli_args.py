@@ -128,7 +128,11 @@ def _engine_backend(args: argparse.Namespace, engine_path: Union[str, Path], ind
     """The backend that will run ``engine_path``; None for an unknown file type (``open_engine``
     reports that one, as bad input)."""
     kind = model_kind(engine_path)
-    return None if kind is None else choose_backend(kind, requested_backend(args, index), engine_path)
+    if kind is None:
+        return None
+    asked = [keyword for backend in BACKENDS for flag, keyword in backend.cli_flags.items()
+             if flag in _given_backend_flags(args)]
+    return choose_backend(kind, requested_backend(args, index), engine_path, asked)
 
 
 def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,

@@ -335,11 +335,12 @@ def open_engine(path: "str | Path", backend: str = "auto", **options) -> Engine:
     ``.plan``, ``.engine`` and ``.trt`` are TensorRT engines (:class:`~keyreid.runtime.engine_trt.TrtEngine`);
     ``grpc://HOST:PORT/MODEL`` and ``http(s)://...`` are models on a Triton Inference Server
     (:class:`~keyreid.runtime.engine_triton.TritonEngine`). ``backend="auto"`` picks by the
-    kind (``backends.auto_backend``). ``options`` go to that class.
+    kind and the options given (``backends.auto_backend``: ``inference_precision`` means
+    OpenVINO). ``options`` go to that class.
     Activate it with a with-block, ``activate()`` or by handing it to a Runner.
     """
     kind = known_model_kind(path)
-    chosen = choose_backend(kind, backend, path)
+    chosen = choose_backend(kind, backend, path, options)
     if kind != "triton":
         path = check_model_file(Path(path))
     return chosen.load_class()(path, **options)
