@@ -18,6 +18,7 @@ from keyreid.errors import KeyreidError
 from keyreid.files import atomic_output, check_distinct_outputs, check_writable
 from keyreid.cpu_features import cpu_isa
 from keyreid.int8_targets import TARGET_CPUS, TARGET_KEY
+from keyreid.tolerances import TOLERANCES
 
 DESCRIPTION = """\
 Export a KeyRe-ID checkpoint (the upstream model's state_dict, or {'model': ...} /
@@ -33,21 +34,25 @@ heatmap modes (the checkpoint does not record which one it was trained with):
   mean   earlier upstream generator: per-pixel mean of covering Gaussians
   blank  what the current upstream generator actually writes: empty maps (W = -1 everywhere)
 
-verification tolerances against the reference model on sample clips:
-  fp32        embedding relative error <= 1e-4, part_weights max abs error <= 1e-5
-  fp16        embedding cosine >= 0.999, part_weights max abs error <= 1e-3
-  int8        embedding cosine >= 0.999, part_weights max abs error <= 1e-5
+verification tolerances against the reference model on sample clips (keyreid/tolerances.py):
+{TOLERANCE_TABLE}
 
 int8 target CPUs (--target-cpu; recorded in the file, checked by the runtime):
-  avx2   7-bit weights: exact on every x86 CPU, including AVX2-only ones whose int8 kernels
-         add product pairs in saturating 16-bit registers
-  vnni   8-bit weights, for CPUs with AVX-512 VNNI or AVX-VNNI (32-bit sums); on an AVX2-only
-         CPU the runtime keeps them exact on ONNX Runtime's slower u8 x u8 path, and says so
-  amx    8-bit weights, for Intel CPUs with AMX
+  avx2   activations on 0..127: exact on every x86 CPU, including AVX2-only ones whose int8
+         kernels add product pairs in saturating 16-bit registers (cosine ~0.0004 lower)
+  vnni   full 8-bit codes, for CPUs with AVX-512 VNNI or AVX-VNNI (32-bit sums); on an
+         AVX2-only CPU the runtime keeps them exact on ONNX Runtime's slower u8 x u8 path,
+         and says so
+  amx    full 8-bit codes, for Intel CPUs with AMX
   auto   this machine's class (the default); the verification runs on this machine
 
 exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
 130 interrupted, 143 terminated (nothing written, no temporary file left)."""
+
+
+EPILOG = EPILOG.replace("{TOLERANCE_TABLE}", "\n".join(
+    f"  {precision:<11} embedding {TOLERANCES[precision]['embedding'].describe()}, part_weights "
+    f"{TOLERANCES[precision]['part_weights'].describe()}" for precision in PRECISIONS))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,11 +27,10 @@ the keypoint op (keyreid::KeypointPartPool):
         stored in the plan, which then needs no Python and no plugin library (TensorRT >= 10.9)
   none  the op's ONNX function of standard ops (any TensorRT 10, e.g. JetPack 6's 10.3)
 
-check a new build on the device against ONNX Runtime:
+check a new build on the device against ONNX Runtime (compare.py takes the tolerances of the
+files' precision from keyreid/tolerances.py; a GPU's fp32 needs a looser relative error):
   fp32: python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx --tolerance-rel 1e-3
-  fp16: python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx \\
-            --tolerance-rel none --tolerance-cosine 0.999
-  (part_weights within 1e-5 in both: the compare.py default)
+  fp16: python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx
 
 exit status: 0 built; 1 bad input, no TensorRT or GPU, or a failed build (nothing written)."""
 

@@ -23,8 +23,8 @@ import numpy as np
 from keyreid.cli import positive_int, run_main
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import camera_problem, stack_clips
-from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
+from keyreid.tolerances import TOLERANCES, looser, precision_row
 from keyreid.reference_results import read_reference_results
 from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, check_engine_arguments,
                                       cpu_banner, engine_banner, engine_location, engine_options)
@@ -48,12 +48,14 @@ clips by export/reference_outputs.py. The first --engine is the one under test; 
 EPILOG = """\
 checks (exit 1 when one fails):
   embedding      relative error (worst row's max |a - b| over max |b|) <= --tolerance-rel,
-                 and cosine >= --tolerance-cosine when given
+                 and cosine >= --tolerance-cosine
   part_weights   max absolute error <= --part-weights-abs
   retrieval      with --min-agreement F: at least a fraction F of the clips has the same
                  top-k neighbours in the same order under both (default: only reported)
-Pass "none" to a tolerance to skip that check. fp32 engines meet the defaults; for int8 engines
-use e.g. --tolerance-rel none --tolerance-cosine 0.999, for fp16 also --part-weights-abs 1e-3.
+By default the tolerances are the ones the export verified the file at, by its precision (and
+OpenVINO's bf16 compute precision), the looser of two engines' (keyreid/tolerances.py):
+{TOLERANCE_TABLE}
+A --tolerance-* flag replaces that bound; pass "none" to skip that check.
 
 Make a reference file where torch is installed:
   python export/reference_outputs.py ckpt.pth -o ref.npz --heatmap-mode MODE
@@ -64,11 +66,20 @@ exit status: 0 within tolerance; 1 outside it, or bad input; 2 wrong usage; 130 
 
 DEFAULT_CLIPS = 16
 DEFAULT_TOP_K = 5
+SKIP = "none"       # a tolerance flag's value that skips its check (not given: the table's bound)
 
 
-def optional_float(text: str) -> Optional[float]:
+def _tolerance_table() -> str:
+    return "\n".join(f"  {row:<6} embedding {bounds['embedding'].describe()}, part_weights "
+                     f"{bounds['part_weights'].describe()}" for row, bounds in TOLERANCES.items())
+
+
+EPILOG = EPILOG.replace("{TOLERANCE_TABLE}", _tolerance_table())
+
+
+def optional_float(text: str) -> Union[float, str]:
     if text.strip().lower() in ("none", "off"):
-        return None
+        return SKIP
     try:
         return float(text)
     except ValueError:
@@ -96,12 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips (default: 0)")
     add_frame_limit_argument(inputs)
     checks = parser.add_argument_group("tolerances")
-    checks.add_argument("--tolerance-rel", type=optional_float, default=1e-4, metavar="X",
-                        help="largest embedding relative error (default: %(default)g)")
-    checks.add_argument("--tolerance-cosine", type=optional_float, default=None, metavar="C",
-                        help="smallest embedding cosine similarity (default: not checked)")
-    checks.add_argument("--part-weights-abs", type=optional_float, default=1e-5, metavar="X",
-                        help="largest part_weights absolute error (default: %(default)g)")
+    checks.add_argument("--tolerance-rel", type=optional_float, metavar="X",
+                        help="largest embedding relative error (default: by precision, below)")
+    checks.add_argument("--tolerance-cosine", type=optional_float, metavar="C",
+                        help="smallest embedding cosine similarity (default: by precision, below)")
+    checks.add_argument("--part-weights-abs", type=optional_float, metavar="X",
+                        help="largest part_weights absolute error (default: by precision, below)")
     checks.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, metavar="K",
                         help="neighbours compared in the retrieval check (default: %(default)s)")
     checks.add_argument("--min-agreement", type=float, default=None, metavar="F",
@@ -180,12 +191,31 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--camera applies to --tracklets only")
 
 
+def _bound(given: Union[float, str, None], table_value: Optional[float]) -> Optional[float]:
+    """A flag's value over the table's; SKIP turns the check off."""
+    if given is None:
+        return table_value
+    return None if given == SKIP else given
+
+
+def tolerances(args: argparse.Namespace, row: str) -> Dict[str, Tolerance]:
+    """The bounds of TOLERANCES[row], with the tolerance flags given on top."""
+    embedding, part_weights = TOLERANCES[row]["embedding"], TOLERANCES[row]["part_weights"]
+    return {"embedding": Tolerance(max_rel=_bound(args.tolerance_rel, embedding.max_rel),
+                                   min_cosine=_bound(args.tolerance_cosine, embedding.min_cosine)),
+            "part_weights": Tolerance(max_abs=_bound(args.part_weights_abs, part_weights.max_abs))}
+
+
+def engine_row(engine: Engine) -> str:
+    """The TOLERANCES row of an active engine (keyreid/tolerances.py)."""
+    return precision_row(engine.metadata.get("precision"), engine.compute_precision)
+
+
 def compare(actual: Dict[str, np.ndarray], expected: Dict[str, np.ndarray],
-            args: argparse.Namespace) -> ComparisonReport:
-    tolerances = {"embedding": Tolerance(max_rel=args.tolerance_rel, min_cosine=args.tolerance_cosine),
-                  "part_weights": Tolerance(max_abs=args.part_weights_abs)}
+            args: argparse.Namespace, row: str = "fp32") -> ComparisonReport:
+    bounds = tolerances(args, row)
     try:
-        return compare_outputs(actual, expected, tolerances)
+        return compare_outputs(actual, expected, bounds)
     except ValueError as exc:
         raise KeyreidError(f"the outputs cannot be compared: {exc}") from exc
 
@@ -232,6 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH_SIZE
         actual = run_in_batches(engine.infer, feed, batch)
         engine_mode = engine.metadata.get("heatmap_mode")
+        row = engine_row(engine)
 
     if reference is not None:
         mode = reference.info.get("heatmap_mode")
@@ -245,10 +276,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open_engine(args.engine[1], **engine_options(args, args.engine[1], index=1)) as reference:
             print(f"reference:  {describe_engine(reference)}")
             expected = run_in_batches(reference.infer, feed, min(batch, reference.max_batch or batch))
+            row = looser(row, engine_row(reference))
     print(f"inputs:     {source}, batches of {batch}")
-    print(f"cpu:        {cpu_isa().describe()}")
+    print(f"tolerances: {row} (by precision; --tolerance-rel, --tolerance-cosine, --part-weights-abs override)")
 
-    report = compare(actual, expected, args)
+    report = compare(actual, expected, args, row)
     print(report.table())
     agreement = retrieval_agreement(actual["embedding"], expected["embedding"], args.top_k)
     failures = report.failures()

@@ -161,3 +161,17 @@ def test_cli_records_the_target_and_refuses_it_for_float_files(reduced_checkpoin
     assert exit_info.value.code == 2
     assert "--target-cpu applies to --precision int8 only" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["avx2.onnx"]
+
+
+def test_compare_checks_an_int8_file_at_the_int8_tolerances_by_default(int8_files, reduced_checkpoint, tmp_path,
+                                                                         capsys):
+    from keyreid.export.reference_outputs import main as write_reference
+    from keyreid.runtime.compare import main as compare
+
+    reference = tmp_path / "reference.npz"
+    assert write_reference([str(reduced_checkpoint), "-o", str(reference), "--clips", "3", "-q"]) == 0
+    assert compare(["--engine", str(int8_files["vnni"]), "--reference", str(reference)]) == 0
+    printed = capsys.readouterr().out
+    assert "tolerances: int8" in printed and "cosine >= 0.999 [ok]" in printed
+    # an explicit flag still wins over the table
+    assert compare(["--engine", str(int8_files["vnni"]), "--reference", str(reference), "--tolerance-rel", "1e-6"]) == 1
