@@ -7,17 +7,21 @@ Public entry points, in data-flow order:
 
 - ``load_checkpoint(path) -> Checkpoint``: read an upstream checkpoint (``weights_only=True``),
   unwrap it, size the model and check every tensor; bad files raise one KeyreidError.
-- ``export_model(checkpoint, heatmap_mode, precision) -> onnx.ModelProto``: the restructured
-  deploy graph (SPEC section 5) as ONNX with the ``keyreid::KeypointPartPool`` node, checked.
+- ``export_model(checkpoint, heatmap_mode, precision, target_cpu=...) -> onnx.ModelProto``: the
+  restructured deploy graph (SPEC section 5) as ONNX with the ``keyreid::KeypointPartPool``
+  node, checked; an int8 file is made for a CPU class (keyreid/int8_targets.py).
+- ``saturation_report(model_path, feed)``: whether an int8 file's products would clip the
+  16-bit sums of CPUs without VNNI, replayed in NumPy on its own codes (any CPU).
 
 The command-line tools ``to_onnx.py`` (export, verify, install), ``reference_outputs.py``
 (reference results for ``compare.py``) and ``random_checkpoint.py`` are thin layers over these.
 """
 import importlib
 
-__all__ = ["load_checkpoint", "export_model"]
+__all__ = ["load_checkpoint", "export_model", "saturation_report"]
 
-_HOMES = {"load_checkpoint": "keyreid.export.checkpoint", "export_model": "keyreid.export.onnx_export"}
+_HOMES = {"load_checkpoint": "keyreid.export.checkpoint", "export_model": "keyreid.export.onnx_export",
+          "saturation_report": "keyreid.export.int8_saturation"}
 
 
 def __getattr__(name: str):
