@@ -56,7 +56,8 @@ _SPECIFIC_OPTIONS = frozenset(keyword for backend in BACKENDS for keyword in bac
 
 def auto_backend(kind: ModelKind, options: Iterable[str] = ()) -> Backend:
     """The backend ``auto`` picks for a model kind: the first row of ``BACKENDS`` that runs it and
-    takes every backend-specific option asked for (``options``: keyword names).
+    takes every backend-specific option asked for (``options``: keyword names); where none takes
+    them all, the first row that runs it.
 
     So a ``.onnx`` file runs on ONNX Runtime, and on OpenVINO when an OpenVINO-only option is
     asked for (``inference_precision``: bf16 is OpenVINO's). Measured reasons, ViT-B, 2 threads
@@ -66,10 +67,9 @@ def auto_backend(kind: ModelKind, options: Iterable[str] = ()) -> Backend:
     adds is bf16, which changes results, so it is asked for, never chosen silently.
     """
     specific = set(options) & _SPECIFIC_OPTIONS
-    for backend in BACKENDS:
-        if backend.kind == kind and specific <= set(backend.cli_flags.values()):
-            return backend
-    raise KeyreidError(f"no backend for {KIND_NAMES[kind]} takes all of {', '.join(sorted(specific))}")
+    runs_it = [backend for backend in BACKENDS if backend.kind == kind]
+    # none takes them all: the first, whose refusal of the others then names the flag (cli_args)
+    return next((backend for backend in runs_it if specific <= set(backend.cli_flags.values())), runs_it[0])
 
 
 def choose_backend(kind: ModelKind, requested: Optional[str] = AUTO, location: object = "",
