@@ -20,6 +20,12 @@ from keyreid.cpu_features import cpu_isa
 from keyreid.int8_targets import TARGET_CPUS, TARGET_KEY
 from keyreid.tolerances import TOLERANCES
 
+# Without VNNI, int8 GEMMs are only ~1.4x fp32's (measured: 54 GOP/s against 38 GFLOP/s), and
+# whole int8 files ran 1.06-1.34x fp32 on an AVX2-only EPYC: worth checking before choosing int8.
+AVX2_SPEED_NOTE = ("note: on CPUs without VNNI int8 gains little over fp32 (earlier int8 files ran "
+                   "1.06-1.34x fp32 on an AVX2-only EPYC); measure both here with benchmarks/run.py "
+                   "before choosing int8")
+
 DESCRIPTION = """\
 Export a KeyRe-ID checkpoint (the upstream model's state_dict, or {'model': ...} /
 {'state_dict': ...}, DataParallel prefixes allowed) to one ONNX file with inputs
@@ -130,6 +136,8 @@ def main(argv=None) -> int:
     made_for = f" for {metadata[TARGET_KEY]} CPUs" if TARGET_KEY in metadata else ""
     print(f"wrote {output} ({size:.1f} MiB, {args.precision}{made_for}, heatmap mode {args.heatmap_mode}, "
           f"opset {opset})")
+    if metadata.get(TARGET_KEY) == "avx2" and not cpu_isa().vnni:
+        print(AVX2_SPEED_NOTE)
     return 0
 
 

@@ -163,6 +163,15 @@ def test_cli_records_the_target_and_refuses_it_for_float_files(reduced_checkpoin
     assert sorted(path.name for path in tmp_path.iterdir()) == ["avx2.onnx"]
 
 
+def test_cli_on_a_cpu_without_vnni_makes_an_avx2_file_and_says_int8_gains_little(reduced_checkpoint, tmp_path,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.setenv("KEYREID_CPU_CLASS", "avx2")
+    output = tmp_path / "auto.onnx"
+    assert to_onnx([str(reduced_checkpoint), "-o", str(output), "--precision", "int8", "--quiet"]) == 0
+    assert {entry.key: entry.value for entry in onnx.load(str(output)).metadata_props}[TARGET_KEY] == "avx2"
+    assert "int8 gains little over fp32" in capsys.readouterr().out
+
+
 def test_compare_checks_an_int8_file_at_the_int8_tolerances_by_default(int8_files, reduced_checkpoint, tmp_path,
                                                                          capsys):
     from keyreid.export.reference_outputs import main as write_reference
