@@ -40,6 +40,7 @@ def measure_case(config_name: str, seed: int, residual_scale: float, recipes, wo
     from keyreid.export.openvino_int8 import DEFAULT_RECIPE, RECIPES, quantise, synthetic_calibration_clips
     from keyreid.export.random_checkpoint import write_random_checkpoint
     from keyreid.export.verify import reference_results
+    from keyreid.runtime import openvino_ir
     from keyreid.runtime.engine_openvino import read_openvino_model
     from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
 
@@ -54,7 +55,7 @@ def measure_case(config_name: str, seed: int, residual_scale: float, recipes, wo
     onnx_path = write_model_atomically(fp32, workdir / f"{path.stem}.onnx")
     del fp32
     core = ov.Core()
-    model, _ = read_openvino_model(core, onnx_path)
+    model, metadata = read_openvino_model(core, onnx_path)
 
     def run(candidate):
         compiled = core.compile_model(candidate, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -70,6 +71,7 @@ def measure_case(config_name: str, seed: int, residual_scale: float, recipes, wo
         seconds = time.perf_counter() - start
         outputs = run(int8)
         if keep_ir is not None and name == DEFAULT_RECIPE:
+            openvino_ir.write_metadata(int8, {**metadata, "precision": "int8", "int8_tool": "nncf"})
             ov.save_model(int8, str(keep_ir / f"{path.stem}_int8.xml"), compress_to_fp16=False)
         del int8
         rows.append({"model": config_name, "seed": seed, "residual_scale": residual_scale, "recipe": name,
