@@ -26,9 +26,13 @@ GALLERY = ["faiss-cpu>=1.7.4"]     # large galleries (runtime/gallery_index.py);
 # OpenVINO's CPU plugin as a second .onnx backend; onnx inlines the file's local functions,
 # which OpenVINO's ONNX frontend does not (runtime/engine_openvino.py). Tested with 2026.4.1.
 OPENVINO = ["openvino>=2026.0", "onnx>=1.16"]
+# int8 IR for OpenVINO (export/to_openvino.py): NNCF's post-training quantisation. nncf 3.4.0
+# installs without torch and leaves numpy < 2 alone (it pulls scikit-learn, pydot, rich, ninja,
+# safetensors, tabulate, psutil, narwhals); the runtime never imports it.
+OPENVINO_INT8 = OPENVINO + ["nncf>=3.4"]
 # setuptools: tests/test_install.py installs offline (--no-build-isolation) with the one installed,
 # which pyproject.toml's minimum must cover.
-TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10", "setuptools>=70.1"] + GALLERY + OPENVINO
+TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10", "setuptools>=70.1"] + GALLERY + OPENVINO_INT8
 # The Triton client (engine grpc:// and http://) and Triton's ModelConfig protobuf (repository checks).
 TRITON = ["tritonclient[grpc,http]>=2.40"]
 # PyTriton bundles a CPU-capable tritonserver (Linux x86_64/aarch64, glibc >= 2.35, about 190 MB
@@ -66,6 +70,7 @@ setup(
         "export": EXPORT,
         "gallery": GALLERY,
         "openvino": OPENVINO,
+        "openvino-int8": OPENVINO_INT8,
         "triton": TRITON,
         "triton-server": TRITON_SERVER,
         "test": EXPORT + TEST + TRITON_SERVER,

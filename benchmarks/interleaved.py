@@ -1,12 +1,13 @@
 """Engines timed in interleaved rounds, so that drift in a shared host's speed hits all alike.
 
-    python benchmarks/interleaved.py fp32.onnx int8.onnx [--openvino f32 bf16] [--batch-sizes 1 8]
+    python benchmarks/interleaved.py fp32.onnx int8.onnx [model_int8.xml] [--openvino f32 bf16] [--batch-sizes 1 8]
 
 ``run.py`` measures one engine after another; on a shared virtual machine the host's load can
 move an engine's speed by 20% between minutes (seen: the same int8 file at 5.5 and 7.0 clips/s
 ten minutes apart), which distorts ratios between engines. Here every round times each engine
 once per batch size, in turn, and the medians over rounds are reported, with each engine's
-ratio to the first one. The ONNX files run on ONNX Runtime (``OrtEngine``, as users get it);
+ratio to the first one. The ONNX files run on ONNX Runtime (``OrtEngine``, as users get it),
+OpenVINO IR files (.xml, e.g. export/to_openvino.py's int8) on OpenVINO at f32;
 ``--openvino`` adds the first file on OpenVINO at the given compute precisions.
 """
 import argparse
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from keyreid.cli import positive_int, run_main
+from keyreid.model_kinds import model_kind
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sibling modules when run as a script
@@ -26,7 +28,7 @@ from model_speed import onnxruntime_runner, openvino_runner, sample_feed  # noqa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", type=Path, nargs="+", help="ONNX files (ONNX Runtime)")
+    parser.add_argument("models", type=Path, nargs="+", help="ONNX files (ONNX Runtime) and OpenVINO IR .xml files (OpenVINO)")
     parser.add_argument("--openvino", nargs="*", default=[], choices=("f32", "bf16"),
                         help="also run the first file on OpenVINO at these compute precisions")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8], metavar="N")
@@ -39,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     print(banner(describe(args.threads)), flush=True)
-    runners = {f"onnxruntime {path.stem}": onnxruntime_runner(path, args.threads) for path in args.models}
+    runners = {}
+    for path in args.models:
+        if model_kind(path) == "openvino":
+            runners[f"openvino {path.stem}"] = openvino_runner(path, args.threads)
+        else:
+            runners[f"onnxruntime {path.stem}"] = onnxruntime_runner(path, args.threads)
     for precision in args.openvino:
         runners[f"openvino {precision} {args.models[0].stem}"] = openvino_runner(args.models[0], args.threads,
                                                                                  precision)

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -141,6 +141,37 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output_with_companions(path: PathLike, companion_suffixes: Sequence[str]) -> Iterator[Path]:
+    """``atomic_output`` for a file that comes with companions of the same stem (an OpenVINO
+    IR's .xml and its .bin, which ``ov.save_model`` names after the .xml).
+
+    Yields ``path``'s name inside a unique temporary folder beside ``path``: write the file and
+    its companions there. When the block ends each companion is renamed into place, then the
+    file itself (so a reader that finds the new file finds its new companions), and the folder
+    is removed. If the block raises, the folder and everything in it is removed and nothing at
+    ``path`` or its companions changes.
+    """
+    path = Path(path)
+    try:
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX))
+    except OSError as exc:
+        raise KeyreidError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    staged = folder / path.name
+    try:
+        yield staged
+        for suffix in tuple(companion_suffixes) + (path.suffix,):
+            target = path.with_suffix(suffix)
+            if not staged.with_suffix(suffix).is_file():
+                raise KeyreidError(f"cannot write {path}: {target.name} was not produced")
+            os.chmod(staged.with_suffix(suffix), _default_mode(target))
+            os.replace(staged.with_suffix(suffix), target)
+    except OSError as exc:
+        raise KeyreidError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_bytes(path: PathLike, data: bytes) -> Path:

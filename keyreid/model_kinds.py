@@ -12,19 +12,24 @@ from typing import Dict, Literal, Optional, Tuple, Union
 from keyreid.errors import KeyreidError
 from keyreid.triton import is_triton_url
 
-ModelKind = Literal["onnx", "tensorrt", "triton"]
+ModelKind = Literal["onnx", "openvino", "tensorrt", "triton"]
 
 ONNX_SUFFIXES: Tuple[str, ...] = (".onnx",)
 TENSORRT_SUFFIXES: Tuple[str, ...] = (".plan", ".engine", ".trt")
+# An OpenVINO IR is two files: the graph (.xml), named by the user, and its weights beside it
+# with the same stem (OPENVINO_WEIGHTS_SUFFIX), which OpenVINO finds on its own.
+OPENVINO_SUFFIXES: Tuple[str, ...] = (".xml",)
+OPENVINO_WEIGHTS_SUFFIX = ".bin"
 # model kind -> the file suffixes that hold it (a Triton model is an address, not a file)
-FILE_SUFFIXES: Dict[str, Tuple[str, ...]] = {"onnx": ONNX_SUFFIXES, "tensorrt": TENSORRT_SUFFIXES}
-KIND_NAMES: Dict[str, str] = {"onnx": "an ONNX model", "tensorrt": "a TensorRT engine",
-                              "triton": "a model on a Triton server"}
+FILE_SUFFIXES: Dict[str, Tuple[str, ...]] = {"onnx": ONNX_SUFFIXES, "openvino": OPENVINO_SUFFIXES,
+                                             "tensorrt": TENSORRT_SUFFIXES}
+KIND_NAMES: Dict[str, str] = {"onnx": "an ONNX model", "openvino": "an OpenVINO IR model (.xml with its .bin)",
+                              "tensorrt": "a TensorRT engine", "triton": "a model on a Triton server"}
 
 
 def model_kind(location: Union[str, Path]) -> Optional[ModelKind]:
-    """``"triton"`` for a grpc:// or http(s):// address, ``"onnx"`` or ``"tensorrt"`` by the file
-    suffix (any case), None for any other suffix."""
+    """``"triton"`` for a grpc:// or http(s):// address, ``"onnx"``, ``"openvino"`` or
+    ``"tensorrt"`` by the file suffix (any case), None for any other suffix."""
     if is_triton_url(location):
         return "triton"
     suffix = Path(location).suffix.lower()

@@ -19,7 +19,7 @@ AUTO = "auto"
 @dataclass(frozen=True)
 class Backend:
     name: str                        # what --backend and open_engine(backend=...) call it
-    kind: ModelKind                  # the models it runs
+    kinds: Tuple[ModelKind, ...]     # the models it runs
     engine_class: str                # "module:Class", imported when chosen
     cli_flags: Mapping[str, str]     # command-line flag -> keyword argument of the engine class
     summary: str                     # one phrase for --help
@@ -30,16 +30,16 @@ class Backend:
 
 
 BACKENDS: Tuple[Backend, ...] = (
-    Backend("onnxruntime", "onnx", "keyreid.runtime.engine_ort:OrtEngine",
+    Backend("onnxruntime", ("onnx",), "keyreid.runtime.engine_ort:OrtEngine",
             {"--providers": "providers", "--threads": "intra_op_threads", "--clips-per-run": "clips_per_run"},
             "ONNX Runtime, any .onnx file (fp32, fp16, int8); CPU or GPU providers"),
-    Backend("openvino", "onnx", "keyreid.runtime.engine_openvino:OpenVinoEngine",
+    Backend("openvino", ("onnx", "openvino"), "keyreid.runtime.engine_openvino:OpenVinoEngine",
             {"--threads": "threads", "--clips-per-run": "clips_per_run",
              "--inference-precision": "inference_precision"},
-            "OpenVINO on the CPU, fp32 and fp16 .onnx files"),
-    Backend("tensorrt", "tensorrt", "keyreid.runtime.engine_trt:TrtEngine",
+            "OpenVINO on the CPU, fp32 and fp16 .onnx files and int8 .xml IR (to_openvino.py)"),
+    Backend("tensorrt", ("tensorrt",), "keyreid.runtime.engine_trt:TrtEngine",
             {"--plugin": "plugin_libraries"}, "TensorRT .plan/.engine/.trt files on an NVIDIA GPU"),
-    Backend("triton", "triton", "keyreid.runtime.engine_triton:TritonEngine",
+    Backend("triton", ("triton",), "keyreid.runtime.engine_triton:TritonEngine",
             {"--timeout": "timeout_s"}, "a Triton Inference Server at grpc:// or http(s)://"),
 )
 _BY_NAME: Dict[str, Backend] = {backend.name: backend for backend in BACKENDS}
@@ -67,7 +67,7 @@ def auto_backend(kind: ModelKind, options: Iterable[str] = ()) -> Backend:
     adds is bf16, which changes results, so it is asked for, never chosen silently.
     """
     specific = set(options) & _SPECIFIC_OPTIONS
-    runs_it = [backend for backend in BACKENDS if backend.kind == kind]
+    runs_it = [backend for backend in BACKENDS if kind in backend.kinds]
     # none takes them all: the first, whose refusal of the others then names the flag (cli_args)
     return next((backend for backend in runs_it if specific <= set(backend.cli_flags.values())), runs_it[0])
 
@@ -81,8 +81,8 @@ def choose_backend(kind: ModelKind, requested: Optional[str] = AUTO, location: o
     backend = _BY_NAME.get(requested)
     if backend is None:
         raise KeyreidError(f"unknown backend {requested!r}; choose one of {', '.join((AUTO,) + backend_names())}")
-    if backend.kind != kind:
-        fits = [other.name for other in BACKENDS if other.kind == kind]
+    if kind not in backend.kinds:
+        fits = [other.name for other in BACKENDS if kind in other.kinds]
         raise KeyreidError(f"{location or 'this model'} is {KIND_NAMES[kind]}, which the {backend.name} backend "
                            f"does not run (choose {' or '.join(fits + [AUTO])})")
     return backend

@@ -1,4 +1,8 @@
-"""OpenVINO backend: an ``.onnx`` file (fp32 or fp16) on OpenVINO's CPU plugin.
+"""OpenVINO backend: an ``.onnx`` file (fp32 or fp16) or an int8 OpenVINO IR (``.xml`` + ``.bin``,
+made by export/to_openvino.py) on OpenVINO's CPU plugin.
+
+An IR is read as OpenVINO wrote it (runtime/openvino_ir.py): its keyreid metadata is in the
+model's rt_info, its functions were inlined before it was quantised.
 
 Loading. OpenVINO's ONNX frontend does not inline ONNX local functions, and the exported
 ``keyreid::KeypointPartPool`` node is one ("No conversion rule for keyreid.KeypointPartPool").
@@ -41,6 +45,8 @@ import numpy as np
 from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
+from keyreid.model_kinds import model_kind
+from keyreid.runtime import openvino_ir
 from keyreid.runtime.engines import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
                                      run_in_pieces)
 
@@ -145,8 +151,22 @@ def network_model(ov, model):
     return ov.Model(results, parameters + [fed], "keyreid_network")
 
 
+def read_openvino_model(core, path: Path):
+    """(OpenVINO model, keyreid metadata) of an ``.onnx`` file (functions inlined) or an IR."""
+    try:
+        if model_kind(path) == "openvino":
+            model = openvino_ir.read_ir(core, path)
+            return model, openvino_ir.read_metadata(model)
+        model_bytes, metadata = inlined_onnx_bytes(path)
+        return core.read_model(model=model_bytes), metadata
+    except KeyreidError:
+        raise
+    except Exception as exc:   # OpenVINO raises RuntimeError with the frontend's report
+        raise KeyreidError(f"{path}: OpenVINO cannot read this model: {_first_line(exc)}") from exc
+
+
 class OpenVinoEngine(Engine):
-    """An ``.onnx`` model (fp32 or fp16) on OpenVINO's CPU plugin. Thread-safe: one infer
+    """An ``.onnx`` model (fp32 or fp16) or an int8 IR on OpenVINO's CPU plugin. Thread-safe: one infer
     request behind a lock (see the module docstring)."""
 
     backend = "openvino"
@@ -156,7 +176,8 @@ class OpenVinoEngine(Engine):
                  clips_per_run: Optional[int] = None):
         """
         Args:
-            path: the ``.onnx`` file (fp32 or fp16; int8 files are ONNX Runtime's).
+            path: the ``.onnx`` file (fp32 or fp16; int8 .onnx files are ONNX Runtime's) or an
+                int8 IR's ``.xml`` (its ``.bin`` beside it).
             inference_precision: "f32" (exact, default), "bf16" (CPUs with bf16 arithmetic) or
                 "auto" (bf16 on AMX CPUs, else f32); always pinned, never OpenVINO's default.
             threads: ``INFERENCE_NUM_THREADS``; None lets OpenVINO use every core.
@@ -189,13 +210,8 @@ class OpenVinoEngine(Engine):
         properties = require("openvino.properties")
         hints = require("openvino.properties.hint")
         check_model_file(self.path)
-        model_bytes, metadata = inlined_onnx_bytes(self.path)
         core = ov.Core()
-        try:
-            model = core.read_model(model=model_bytes)
-        except Exception as exc:   # OpenVINO raises RuntimeError with the frontend's report
-            raise KeyreidError(f"{self.path}: OpenVINO cannot read this model: {_first_line(exc)}") from exc
-        del model_bytes
+        model, metadata = read_openvino_model(core, self.path)
 
         input_specs, output_specs = check_io(self.path, [_found_tensor(port) for port in model.inputs],
                                              [_found_tensor(port) for port in model.outputs])
