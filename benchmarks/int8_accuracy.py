@@ -29,7 +29,7 @@ from keyreid.tolerances import TOLERANCES
 from keyreid.export.quiet_logs import quiet_third_party_logs
 
 # (seed, residual scale): scale < 1 shrinks the residual stream so that part weights move the
-# embedding (SPEC section 5 caveat); > 1 widens the activations' dynamic range.
+# embedding (docs/contract.md §5 caveat); > 1 widens the activations' dynamic range.
 VIT_B_CASES = ((0, 1.0), (1, 0.5), (2, 2.0), (3, 0.1), (4, 1.0))
 SMALL_RESIDUAL_CASE = ("reduced", 2, 1e-3)   # tests/conftest.py small_residual_checkpoint
 MIN_COSINE = TOLERANCES["int8"]["embedding"].min_cosine

@@ -1,7 +1,7 @@
 """The engines and the timing rules shared by ``run.py`` and the pytest-benchmark files.
 
 Engines (each a callable feed -> {"embedding", "part_weights"} on the same contract inputs):
-the reference (torch, eager, SPEC section 2 literally), the torch deploy model (the restructured
+the reference (torch, eager, docs/contract.md §2 literally), the torch deploy model (the restructured
 graph before export), and ONNX files in ONNX Runtime. Part-weight op implementations (feed ->
 W): the NumPy reference, the vectorised torch op and the ONNX function in ONNX Runtime.
 

@@ -8,7 +8,7 @@ Public entry points, in data-flow order:
 - ``load_checkpoint(path) -> Checkpoint``: read an upstream checkpoint (``weights_only=True``),
   unwrap it, size the model and check every tensor; bad files raise one KeyreidError.
 - ``export_model(checkpoint, heatmap_mode, precision, target_cpu=...) -> onnx.ModelProto``: the
-  restructured deploy graph (SPEC section 5) as ONNX with the ``keyreid::KeypointPartPool``
+  restructured deploy graph (docs/contract.md §5) as ONNX with the ``keyreid::KeypointPartPool``
   node, checked; an int8 file is made for a CPU class (keyreid/int8_targets.py).
 - ``saturation_report(model_path, feed)``: whether an int8 file's products would clip the
   16-bit sums of CPUs without VNNI, replayed in NumPy on its own codes (any CPU).

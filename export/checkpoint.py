@@ -1,4 +1,4 @@
-"""Read an upstream KeyRe-ID checkpoint (SPEC section 1) into a state dict the reference model
+"""Read an upstream KeyRe-ID checkpoint (docs/contract.md §1) into a state dict the reference model
 loads strictly, and its ModelConfig.
 
 A checkpoint is untrusted input: it is unpickled with ``weights_only=True`` and every failure
@@ -16,7 +16,7 @@ from keyreid.errors import KeyreidError
 from keyreid.export.config import ModelConfig
 from keyreid.lazy import require
 
-# Keys upstream saves that inference never reads (SPEC section 1). ``block1`` is the same
+# Keys upstream saves that inference never reads (docs/contract.md §1). ``block1`` is the same
 # module as ``b2.0``, saved twice under two names.
 UNUSED_KEY_PATTERNS = (
     r"base\.norm\..*", r"base\.fc\..*", r"classifier(_\d)?\.weight", r"block1\..*",

@@ -1,4 +1,4 @@
-"""Model dimensions, read off a checkpoint's tensor shapes (SPEC section 1).
+"""Model dimensions, read off a checkpoint's tensor shapes (docs/contract.md §1).
 
 Only the width and the number of blocks vary between checkpoints we accept; the input geometry
 (4 frames of 256x128, 16x16 patches, 6 parts) is fixed by the contract. Heads follow the ViT rule

@@ -1,4 +1,4 @@
-"""The restructured KeyRe-ID graph that gets exported (SPEC section 5): same outputs as
+"""The restructured KeyRe-ID graph that gets exported (docs/contract.md §5): same outputs as
 ``reference_model``, about a third of the arithmetic.
 
 Where the arithmetic goes:
@@ -120,7 +120,7 @@ class ClsQueryAttentionBlock(nn.Module):
 
 
 class DeployKeyReID(nn.Module):
-    """Contract inputs (SPEC section 6) -> (embedding, part_weights), exported to ONNX.
+    """Contract inputs (docs/contract.md §6) -> (embedding, part_weights), exported to ONNX.
 
     Args:
         checkpoint_state: the filtered upstream state dict (``load_checkpoint(...).state_dict``).

@@ -1,4 +1,4 @@
-"""Checkpoint -> ONNX model honouring SPEC section 6, with the KeypointPartPool node and body.
+"""Checkpoint -> ONNX model honouring docs/contract.md §6, with the KeypointPartPool node and body.
 
 Steps (each a function, so tests and the CLI compose them): build the deploy model, export it
 with the dynamo exporter (the op becomes one custom node), attach the op's standard-op body,
@@ -109,7 +109,7 @@ def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
 
     Args:
         checkpoint: a ``Checkpoint`` from ``load_checkpoint``.
-        heatmap_mode: the keypoint heatmap generator the checkpoint was trained with (SPEC 3).
+        heatmap_mode: the keypoint heatmap generator the checkpoint was trained with (docs/contract.md §3).
         precision: fp32 (exact), fp16 (GPUs) or int8 (ONNX Runtime dynamic quantisation, CPUs).
         opset: default-domain ONNX opset, at least ONNX_OPSET.
         step: called with a sentence before each slow step (progress lines).

@@ -27,7 +27,7 @@ from keyreid.lazy import require
 
 
 def to_fp16(model):
-    """Rewrite every main-graph MatMul to fp16 inputs and an fp32 output (SPEC section 6 I/O kept)."""
+    """Rewrite every main-graph MatMul to fp16 inputs and an fp32 output (docs/contract.md §6 I/O kept)."""
     require("onnx")
     from onnx import TensorProto, helper, numpy_helper
 

@@ -1,4 +1,4 @@
-"""Write a random checkpoint in the upstream format (SPEC section 1), for tests and the demo.
+"""Write a random checkpoint in the upstream format (docs/contract.md §1), for tests and the demo.
 
 It carries every key upstream saves, including the ones inference ignores (the last backbone
 block, base.norm, base.fc, the classifiers, and ``block1`` sharing b2.0's tensors), with
@@ -38,7 +38,7 @@ def _random_like(name: str, template: torch.Tensor, generator: torch.Generator) 
 
 
 # Scaling these shrinks the residual stream, so that LayerNorm's epsilon is no longer negligible
-# against the part-weighted rows: then part weights W move the embedding (SPEC section 5 caveat).
+# against the part-weighted rows: then part weights W move the embedding (docs/contract.md §5 caveat).
 _RESIDUAL_WRITERS = ("base.cls_token", "base.pos_embed", "base.Cam", "base.patch_embed.proj.",
                      ".attn.proj.", ".mlp.fc2.")
 

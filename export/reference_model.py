@@ -1,4 +1,4 @@
-"""KeyRe-ID as upstream computes it at inference, structure for structure (SPEC section 2).
+"""KeyRe-ID as upstream computes it at inference, structure for structure (docs/contract.md §2).
 
 This module is the yardstick for accuracy and speed: it keeps upstream's module names (so a
 checkpoint loads strictly), its full 129-token passes through the last blocks and its six
@@ -182,7 +182,7 @@ def check_cameras(camera: np.ndarray, num_cameras: int) -> None:
 def reference_outputs(model: KeyReIDReference, frames: np.ndarray, keypoints: np.ndarray,
                       crop_size: np.ndarray, camera: np.ndarray, heatmap_mode: str = "max",
                       part_weights: Optional[np.ndarray] = None) -> dict:
-    """Run the reference on contract inputs (SPEC section 6) -> {"embedding", "part_weights"}."""
+    """Run the reference on contract inputs (docs/contract.md §6) -> {"embedding", "part_weights"}."""
     if frames.shape[2:] != (IMAGE_HEIGHT, IMAGE_WIDTH, 3):
         raise KeyreidError(f"frames must be [N, 4, {IMAGE_HEIGHT}, {IMAGE_WIDTH}, 3] uint8, "
                            f"got {list(frames.shape)}")

@@ -1,4 +1,4 @@
-"""Turn a trained KeyRe-ID checkpoint into an ONNX model (SPEC section 6).
+"""Turn a trained KeyRe-ID checkpoint into an ONNX model (docs/contract.md §6).
 
     python export/to_onnx.py ckpt.pth [--output model.onnx] [--heatmap-mode max|mean|blank]
                              [--precision fp32|fp16|int8] [--target-cpu auto|avx2|vnni|amx]

@@ -1,6 +1,6 @@
 """A Triton Inference Server model repository entry for an exported model (ONNX or TensorRT plan).
 
-    DIR/NAME/config.pbtxt           platform, batching, the I/O of SPEC section 6, warm-up, parameters
+    DIR/NAME/config.pbtxt           platform, batching, the I/O of docs/contract.md §6, warm-up, parameters
     DIR/NAME/1/model.onnx           the file as exported (or model.plan, with its .json sidecar)
     DIR/NAME/warmup/crop_size       the one warm-up input that cannot be zeros (a 128x256 crop)
 

@@ -29,7 +29,7 @@ def onnxruntime_results(onnx_path: Path, inputs: dict, threads: int = 0) -> dict
 
 def verify_onnx(onnx_path: Path, model, heatmap_mode: str, precision: str,
                 num_clips: int = DEFAULT_SAMPLE_CLIPS) -> ComparisonReport:
-    # MARS-sized crops: rendering in the model frame is exact there (SPEC section 3).
+    # MARS-sized crops: rendering in the model frame is exact there (docs/contract.md §3).
     inputs = synthetic_feed(num_clips, model.config.num_cameras, crop_sizes=[MARS_CROP_SIZE])
     return compare_outputs(onnxruntime_results(onnx_path, inputs),
                            reference_results(model, inputs, heatmap_mode), TOLERANCES[precision])

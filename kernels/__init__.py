@@ -1,4 +1,4 @@
-"""The KeypointPartPool op (SPEC section 3): COCO keypoints of a clip -> part weights W [N, 128, 6].
+"""The KeypointPartPool op (docs/contract.md §3): COCO keypoints of a clip -> part weights W [N, 128, 6].
 
 Forms of the op, all tested against the NumPy reference:
 

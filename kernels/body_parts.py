@@ -1,4 +1,4 @@
-"""The numbers of the KeypointPartPool op (SPEC section 3), in one place.
+"""The numbers of the KeypointPartPool op (docs/contract.md §3), in one place.
 
 Every implementation (NumPy reference, torch, ONNX function, CUDA plugin) reads these names, so
 a change to the heatmap recipe is made once. We render in the 256x128 model frame, so the kernel

@@ -69,7 +69,7 @@ def _part_weight_function_bytes(mode: str, opset: int) -> bytes:
         opset_imports=[onnx.helper.make_opsetid("", opset)],
         attributes=list(FUNCTION_ATTRIBUTES),
         doc_string=f"KeyRe-ID keypoints -> part weights W [N, 128, 6], heatmap mode {mode!r} "
-                   "(SPEC section 3). The body is specific to that mode.")
+                   "(docs/contract.md section 3). The body is specific to that mode.")
     return function.SerializeToString()
 
 

@@ -1,4 +1,4 @@
-"""Plain-NumPy reference of KeypointPartPool (SPEC section 3): keypoints -> part weights W.
+"""Plain-NumPy reference of KeypointPartPool (docs/contract.md §3): keypoints -> part weights W.
 
 It loops over groups and joints and slices a clipped window like the upstream generators
 (``keypoint/keypoint_to_mask.py`` for "max", ``keypoint/keypoints_to_masks.py`` at 320048a for

@@ -103,7 +103,7 @@ def part_weights_torch(keypoints: Tensor, crop_size: Tensor, mode: str) -> Tenso
     Args:
         keypoints: (x, y, confidence) in original-crop pixels, float32.
         crop_size: (width, height) of each frame's original crop, float32.
-        mode: "max", "mean" or "blank" (SPEC section 3); a Python string, not a tensor.
+        mode: "max", "mean" or "blank" (docs/contract.md §3); a Python string, not a tensor.
     """
     check_mode(mode)
     if mode == "blank":

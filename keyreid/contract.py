@@ -1,4 +1,5 @@
-"""The fixed geometry of KeyRe-ID and the I/O contract every engine honours (SPEC sections 2, 3, 6).
+"""The fixed geometry of KeyRe-ID and the I/O contract every engine honours (docs/contract.md
+§2, §3, §6).
 
 Everything downstream of a checkpoint (export, engines, runtime) reads these names instead of
 repeating numbers, so the contract lives in one place.
@@ -21,10 +22,10 @@ NUM_TOKENS = NUM_PATCHES + 1              # [CLS] + patches
 NUM_KEYPOINTS = 17                        # COCO
 NUM_PARTS = 6                             # head, torso, left arm, right arm, left leg, right leg
 PART_NAMES = ("head", "torso", "left_arm", "right_arm", "left_leg", "right_leg")
-MAX_CLIPS_PER_TRACKLET = 41               # SPEC section 4: at most the first 41 clips are used
+MAX_CLIPS_PER_TRACKLET = 41               # docs/contract.md §4: at most the first 41 clips are used
 MEAN_CAMERA = -1                          # camera index that selects the mean camera embedding
 
-HeatmapMode = Literal["max", "mean", "blank"]       # SPEC section 3
+HeatmapMode = Literal["max", "mean", "blank"]       # docs/contract.md §3
 HEATMAP_MODES: Tuple[str, ...] = get_args(HeatmapMode)
 DEFAULT_HEATMAP_MODE: HeatmapMode = "max"
 
@@ -109,7 +110,7 @@ def output_specs(embed_dim: int = 768) -> Tuple[TensorSpec, ...]:
 
 def stack_clips(clips) -> "dict[str, np.ndarray]":
     """Per-clip dicts (``frames`` [4, 256, 128, 3], ``keypoints``, ``crop_size``, ``camera``) ->
-    one engine feed laid out as SPEC section 6, in the contract's dtypes."""
+    one engine feed laid out as docs/contract.md §6, in the contract's dtypes."""
     if not clips:
         raise ValueError("no clips to stack into a batch")
     return {spec.name: np.stack([np.asarray(clip[spec.name]) for clip in clips]).astype(spec.dtype, copy=False)

@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class ReferenceResults:
-    feed: Dict[str, np.ndarray]        # SPEC section 6 inputs
+    feed: Dict[str, np.ndarray]        # docs/contract.md §6 inputs
     expected: Dict[str, np.ndarray]    # embedding, part_weights of the reference model
     info: Dict[str, object]            # heatmap_mode, checkpoint, checkpoint_sha256, ...
 

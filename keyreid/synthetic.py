@@ -132,7 +132,7 @@ def synthetic_frames(rng: np.random.Generator, n_clips: int) -> np.ndarray:
 
 def synthetic_feed(num_clips: int, num_cameras: Optional[int], seed: int = 0,
                    crop_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, np.ndarray]:
-    """An engine feed (SPEC section 6) of ``num_clips`` synthetic clips with realistic poses.
+    """An engine feed (docs/contract.md §6) of ``num_clips`` synthetic clips with realistic poses.
 
     The one source of sample clips for the export's verification, ``compare.py``, the
     benchmarks and the tests. Cameras cycle -1, 0, ..., C-1 (only -1 when ``num_cameras`` is

@@ -9,7 +9,7 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-# The element types of the contract (SPEC section 6), by their Triton wire names.
+# The element types of the contract (docs/contract.md §6), by their Triton wire names.
 TRITON_DATATYPES = {
     np.dtype(np.uint8): "UINT8",
     np.dtype(np.float32): "FP32",

@@ -8,7 +8,7 @@ Public entry points, in data-flow order:
 
 - ``open_engine(path, backend="auto", **options) -> Engine``: an ``.onnx`` (ONNX Runtime, or
   OpenVINO with ``backend="openvino"``) or ``.plan`` (TensorRT) model behind one interface;
-  ``Engine.infer(feed)`` runs one batch of clips laid out as SPEC section 6, checked against
+  ``Engine.infer(feed)`` runs one batch of clips laid out as docs/contract.md §6, checked against
   the model (shapes, dtypes, camera range) first. ``backend_names()`` lists the backends
   (the table is ``keyreid.runtime.backends.BACKENDS``).
 - ``Runner(engine, preprocess=...)``: many callers, one engine, dynamic batching;

@@ -41,7 +41,7 @@ from keyreid.synthetic import synthetic_feed
 DESCRIPTION = """\
 Compare an engine against a second engine on the same clips (synthetic clips with realistic
 poses by default, or clips cut from a folder of tracklets), or against a reference file: the
-checkpoint's reference model (PyTorch, SPEC sections 2-3 written out literally) run on sample
+checkpoint's reference model (PyTorch, docs/contract.md sections 2-3 written out literally) run on sample
 clips by export/reference_outputs.py. The first --engine is the one under test; the second
 --engine, or --reference, is what the errors are measured against."""
 

@@ -51,7 +51,7 @@ from keyreid.runtime.engines import (Engine, EngineInfo, FoundTensor, check_io, 
                                      run_in_pieces)
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "auto")
-# Where the bf16 graph is cut (the keypoint op's inputs and output, SPEC section 6).
+# Where the bf16 graph is cut (the keypoint op's inputs and output, docs/contract.md §6).
 PART_WEIGHT_INPUTS = ("keypoints", "crop_size")
 OUTPUT_PART_WEIGHTS = "part_weights"
 _ONNX_FOR_OPENVINO = ("openvino", "inlining the model's ONNX functions for OpenVINO")

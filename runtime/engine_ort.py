@@ -1,6 +1,6 @@
 """ONNX Runtime backend: runs an exported ``.onnx`` model on the best execution provider present.
 
-The ``KeypointPartPool`` node carries a local-function body of standard ops (SPEC section 6), so
+The ``KeypointPartPool`` node carries a local-function body of standard ops (docs/contract.md §6), so
 ONNX Runtime needs no extra library for it.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
     http://HOST:PORT/MODEL[/VERSION]      (HTTP/REST, port 8000 by default; https:// with TLS)
 
 On ``activate()`` the engine waits for the server (with retries), checks that the model is
-ready, and checks the model's inputs and outputs against SPEC section 6 exactly as it would a
+ready, and checks the model's inputs and outputs against docs/contract.md §6 exactly as it would a
 local file; the model configuration's string ``parameters`` (heatmap_mode, num_cameras, ...,
 written by ``export/to_triton.py``) become the engine's metadata. Every request has a timeout;
 a request that fails because the server is unreachable is retried a bounded number of times.

@@ -22,7 +22,7 @@ from keyreid.errors import KeyreidError
 from keyreid.model_kinds import ONNX_SUFFIXES, TENSORRT_SUFFIXES, known_model_kind  # noqa: F401 (re-exported)
 from keyreid.runtime.backends import choose_backend
 
-# Embedding length is D * (1 + NUM_PARTS * CLIP_FRAMES) for model width D (SPEC section 2).
+# Embedding length is D * (1 + NUM_PARTS * CLIP_FRAMES) for model width D (docs/contract.md §2).
 _EMBEDDING_UNITS = 1 + NUM_PARTS * CLIP_FRAMES
 
 
@@ -88,7 +88,7 @@ def _embedding_length(embedding: Optional[FoundTensor], problems: list) -> Optio
 
 def check_io(source: object, inputs: Sequence[FoundTensor],
              outputs: Sequence[FoundTensor]) -> Tuple[Tuple[TensorSpec, ...], Tuple[TensorSpec, ...]]:
-    """Check a model's inputs and outputs against SPEC section 6 and return the engine's specs.
+    """Check a model's inputs and outputs against docs/contract.md §6 and return the engine's specs.
 
     The embedding length is not fixed by the contract (it is 25 * model width: 19200 for ViT-B,
     less for reduced test models), so it is read from the model: it must be a fixed multiple of
@@ -117,8 +117,8 @@ def check_io(source: object, inputs: Sequence[FoundTensor],
                      for name in found if name not in expected_names]
 
     if problems:
-        raise KeyreidError(f"{source}: does not match the KeyRe-ID I/O contract (SPEC section 6):\n  - "
-                           + "\n  - ".join(problems))
+        raise KeyreidError(f"{source}: does not match the KeyRe-ID I/O contract "
+                           "(docs/contract.md section 6):\n  - " + "\n  - ".join(problems))
     return INPUTS, expected_outputs
 
 
@@ -201,7 +201,7 @@ class Engine:
 
     Use as a context manager (``with open_engine(path) as engine: engine.infer(feed)``) or call
     ``activate()`` / ``deactivate()`` yourself. ``infer`` takes and returns name -> array dicts
-    following SPEC section 6; feeds are checked against the engine's specs first.
+    following docs/contract.md §6; feeds are checked against the engine's specs first.
     """
 
     def __init__(self, path: "str | Path", *, num_cameras: Optional[int] = None):

@@ -5,7 +5,7 @@
 
 Each entry is a tracklet feature with its camera, a timestamp and an optional label (an
 identity) and name. ``search`` returns the k nearest entries by squared Euclidean distance
-(SPEC section 4), optionally leaving out the query's own camera (an appliance looking for the
+(docs/contract.md §4), optionally leaving out the query's own camera (an appliance looking for the
 person elsewhere) or, as the evaluation protocol does, the entries with the query's label *and*
 camera. The exact NumPy backend is the default; FAISS backends (extra ``gallery``) serve large
 galleries (``gallery_index``).
@@ -264,7 +264,7 @@ class Gallery:
             label: the query's identity (needed for ``exclude="label_and_camera"``).
             exclude: "none"; "camera": leave out entries of the query's camera (find the person
                 elsewhere); "label_and_camera": leave out entries with the query's label and
-                camera, the evaluation protocol of SPEC section 4.
+                camera, the evaluation protocol of docs/contract.md §4.
         """
         with self._lock:
             rows, distances = self.search_rows(feature, k, camera, label, exclude)

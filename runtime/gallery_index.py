@@ -1,7 +1,7 @@
 """Nearest-neighbour search for the gallery: one interface, an exact NumPy index and FAISS ones.
 
-Every index answers "the k rows nearest to this query by squared Euclidean distance (SPEC
-section 4), among the allowed rows". The gallery owns the features; an index only mirrors
+Every index answers "the k rows nearest to this query by squared Euclidean distance (docs/contract.md
+§4), among the allowed rows". The gallery owns the features; an index only mirrors
 them: ``sync(features)`` hands it the gallery's rows (it adds the ones it has not seen), and
 ``invalidate()`` says rows were removed (it rebuilds on the next sync).
 

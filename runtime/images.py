@@ -1,4 +1,4 @@
-"""Frame files -> RGB uint8 frames at the model size (SPEC section 2, input ``frames``).
+"""Frame files -> RGB uint8 frames at the model size (docs/contract.md §2, input ``frames``).
 
 Upstream resizes with torchvision ``T.Resize([256, 128])`` on a PIL image, i.e. PIL's
 ``Image.resize((128, 256), BILINEAR)``. PIL's bilinear is not OpenCV's: when it shrinks an axis

@@ -1,4 +1,4 @@
-"""Tracklet embeddings and re-identification metrics from an engine (SPEC section 4).
+"""Tracklet embeddings and re-identification metrics from an engine (docs/contract.md §4).
 
     python runtime/infer.py --engine model.onnx --tracklets DIR --output embeddings.npz
     python runtime/infer.py --engine model.onnx --dataset mars --root MARS [--report report.json]

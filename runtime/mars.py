@@ -1,4 +1,4 @@
-"""The MARS test split (query and gallery tracklets) from the dataset's own files (SPEC section 4).
+"""The MARS test split (query and gallery tracklets) from the dataset's own files (docs/contract.md §4).
 
 Layout under ROOT:
 - ``bbox_test/<pid>/<pid>C<cam>T<tracklet>F<frame>.jpg`` (the folder is the name's first 4 characters),

@@ -11,7 +11,7 @@ Each track collects frames; every 4th frame completes a clip, which goes to a ba
 ``Runner`` at once, so clips of many tracks share engine batches. The track's feature is the
 mean of its clip embeddings, over at most the first 41 clips, and ``finish`` fills the last
 partial clip by cycling its own frames: exactly what ``infer.py --tracklets`` computes for the
-same frames (SPEC section 4). Crops are resized to 256x128 as ``images.load_frame`` resizes
+same frames (docs/contract.md §4). Crops are resized to 256x128 as ``images.load_frame`` resizes
 decoded files (Pillow's bilinear, bit for bit).
 
 Memory is bounded by explicit limits: ``max_tracks`` live tracks; ``max_buffered_frames``
@@ -82,7 +82,7 @@ class _Track:
 
     @property
     def full(self) -> bool:
-        """True once the track has its 41 clips: later frames are not used (SPEC section 4)."""
+        """True once the track has its 41 clips: later frames are not used (docs/contract.md §4)."""
         return len(self.clips) >= MAX_CLIPS_PER_TRACKLET
 
 

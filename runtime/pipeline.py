@@ -1,4 +1,4 @@
-"""Tracklets through a Runner (SPEC section 4): clip requests, decoding on the pool, features.
+"""Tracklets through a Runner (docs/contract.md §4): clip requests, decoding on the pool, features.
 
 A tracklet becomes the clips of ``split_into_clips``; each clip request holds only file paths and
 the camera, and ``clip_loader`` decodes it (frames via ``images.load_frame``, keypoints via

@@ -1,4 +1,4 @@
-"""Upstream ``.pose`` files -> float32 [17, 3] keypoints (SPEC section 3, input ``keypoints``).
+"""Upstream ``.pose`` files -> float32 [17, 3] keypoints (docs/contract.md §3, input ``keypoints``).
 
 A ``.pose`` file is the JSON array OpenPifPaf's extraction script writes: 17 COCO joints as
 [x, y, confidence] in pixels of the original crop, undetected joints as [0, 0, 0].

@@ -1,4 +1,4 @@
-"""Query/gallery evaluation of tracklet features: the MARS protocol (SPEC section 4) on
+"""Query/gallery evaluation of tracklet features: the MARS protocol (docs/contract.md §4) on
 ``Tracklet`` records, for ``infer.py``'s evaluation modes and the ranking figure.
 
 ``evaluation.py`` holds the metrics on plain arrays; this module ties them to tracklets (their
@@ -25,7 +25,7 @@ class QueryGalleryResult:
 
 def evaluate_query_gallery(query: Sequence[Tracklet], query_features: np.ndarray,
                            gallery: Sequence[Tracklet], gallery_features: np.ndarray) -> QueryGalleryResult:
-    """CMC and mAP with the MARS protocol (SPEC section 4) on tracklet features.
+    """CMC and mAP with the MARS protocol (docs/contract.md §4) on tracklet features.
 
     Queries with an unknown identity (pid -1) cannot be scored and are left out (and listed);
     gallery entries with an unknown identity stay, as distractors that never match.

@@ -4,7 +4,7 @@ Callers on any thread submit clips or whole tracklets and get ``concurrent.futur
 One scheduler thread packs the clips of many requests into engine batches, Triton dynamic
 batcher style: a batch leaves as soon as ``max_batch_size`` clips are waiting, or when the
 oldest waiting clip has waited ``max_queue_delay_ms``. A tracklet's clips may travel in several
-batches; its feature is the mean of its clip embeddings (SPEC section 4).
+batches; its feature is the mean of its clip embeddings (docs/contract.md §4).
 
 Optional preprocessing (for example decoding frames from image files) runs on a thread pool,
 so it overlaps with inference: ``Runner(engine, preprocess=pipeline.clip_loader(tally))``.
@@ -54,7 +54,7 @@ class Cancelled(KeyreidError):
 
 
 def tracklet_feature(clip_embeddings: np.ndarray) -> np.ndarray:
-    """Mean of a tracklet's clip embeddings [clips, E] -> [E] float32 (SPEC section 4)."""
+    """Mean of a tracklet's clip embeddings [clips, E] -> [E] float32 (docs/contract.md §4)."""
     return clip_embeddings.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
@@ -185,7 +185,7 @@ class Runner:
         return self._submit([clip], is_tracklet=False)
 
     def submit_tracklet(self, clips: Sequence[Clip]) -> "Future[np.ndarray]":
-        """Queue a tracklet's clips (already split, SPEC section 4); the future's result is the
+        """Queue a tracklet's clips (already split, docs/contract.md §4); the future's result is the
         mean of their embeddings, [E] float32. With a ``preprocess`` hook the clips may still
         be undecoded (for example frames as file paths)."""
         if isinstance(clips, Mapping):

@@ -1,4 +1,4 @@
-"""Tracklets: how a folder of frames becomes clips, and where tracklets come from (SPEC section 4).
+"""Tracklets: how a folder of frames becomes clips, and where tracklets come from (docs/contract.md §4).
 
 A tracklet is one person seen by one camera over a run of frames. Upstream's test loader cuts it
 into consecutive clips of 4 frames, fills the last clip by cycling that clip's own frames, and

@@ -1,4 +1,4 @@
-"""SPEC section 2 written out a second time, literally and per clip, with torch.nn.functional on
+"""docs/contract.md §2 written out a second time, literally and per clip, with torch.nn.functional on
 the raw state dict. It shares no code with keyreid.export, so agreement means both read the
 spec the same way."""
 import math

@@ -1,4 +1,4 @@
-"""The exported ONNX model computes what the checkpoint computes and honours SPEC section 6."""
+"""The exported ONNX model computes what the checkpoint computes and honours docs/contract.md §6."""
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +104,7 @@ def test_mean_camera_works_and_out_of_range_cameras_fail(reduced_onnx, reduced_m
 
 def test_deploy_graph_matches_reference_where_part_weights_matter(small_residual_checkpoint, rng):
     """Tiny residual stream and near-zero positive weights: LayerNorm's epsilon is not negligible,
-    so the exact rescaling s(w) of SPEC section 5 is what keeps the two equal."""
+    so the exact rescaling t(w) of docs/contract.md §5 is what keeps the two equal."""
     checkpoint = load_checkpoint(small_residual_checkpoint)
     reference = load_reference_model(checkpoint)
     deploy = DeployKeyReID(checkpoint.state_dict, checkpoint.config, KeypointPartPool("max"))

@@ -78,7 +78,7 @@ def test_the_avx2_file_cannot_saturate_and_the_vnni_file_would(int8_files, clips
 def test_every_target_meets_the_int8_gate_on_this_cpu(int8_files, clips, reduced_checkpoint, small_residual_checkpoint,
                                                       tmp_path):
     """Two checkpoints (the small-residual one lets part weights move the embedding); part
-    weights checked directly, since the embedding hides them (SPEC section 5)."""
+    weights checked directly, since the embedding hides them (docs/contract.md §5)."""
     small_residual = load_checkpoint(small_residual_checkpoint)
     small_residual_fp32 = export_fp32(small_residual, "max")
     for checkpoint in (load_checkpoint(reduced_checkpoint), small_residual):

@@ -1,5 +1,5 @@
 """KeypointPartPool: the torch op, the ONNX function, the CUDA kernel's host build and the public
-entry against the NumPy reference (SPEC section 3), on realistic poses and on hand-made edge cases."""
+entry against the NumPy reference (docs/contract.md §3), on realistic poses and on hand-made edge cases."""
 import subprocess
 import sys
 import textwrap
@@ -128,7 +128,7 @@ def test_blank_mode_weighs_minus_one_everywhere(implementation, realistic_clips)
     assert np.all(implementation(*realistic_clips, "blank") == -1.0)
 
 
-# --- the rules of section 3, one at a time ------------------------------------------------------
+# --- the rules of docs/contract.md §3, one at a time --------------------------------------------
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode", ["max", "mean"])

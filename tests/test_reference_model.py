@@ -1,4 +1,4 @@
-"""The reference model computes SPEC section 2 (checked against an independent literal version)."""
+"""The reference model computes docs/contract.md §2 (checked against an independent literal version)."""
 import numpy as np
 import pytest
 import torch

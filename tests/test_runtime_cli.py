@@ -119,7 +119,7 @@ def realistic_dir(tmp_path_factory):
 
 
 def direct_tracklet_features(engine_path, root, load_frame=images.load_frame):
-    """SPEC section 4 by hand: every clip alone through the engine, then the mean."""
+    """docs/contract.md §4 by hand: every clip alone through the engine, then the mean."""
     features = {}
     with open_engine(engine_path, providers=["CPUExecutionProvider"]) as engine:
         for folder in sorted(path for path in root.iterdir() if path.is_dir()):
@@ -161,7 +161,7 @@ def test_opencv_preprocessing_agrees_with_upstreams_pil_path_on_other_crop_sizes
 
 def test_each_frame_of_a_clip_keeps_its_own_crop_size_keypoints_and_part_weights(reduced_onnx, realistic_dir):
     """Crop sizes and poses differ within a tracklet; the loader must keep frame i's own size and
-    pose in slot i, and the engine's part weights W (tested directly, SPEC section 5) must be
+    pose in slot i, and the engine's part weights W (tested directly, docs/contract.md §5) must be
     the reference op's on exactly those per-frame inputs."""
     from keyreid.kernels import part_weights_reference
     from keyreid.runtime.pipeline import clip_loader, clip_requests

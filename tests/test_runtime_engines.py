@@ -1,4 +1,4 @@
-"""Engines: the SPEC section 6 contract check on load, the feed check, bad files, dispatch by
+"""Engines: the docs/contract.md §6 contract check on load, the feed check, bad files, dispatch by
 suffix, and imports that stay free of torch and of the optional backends."""
 import subprocess
 import sys

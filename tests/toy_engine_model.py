@@ -1,4 +1,4 @@
-"""A tiny ONNX model that honours the SPEC section 6 I/O contract, for runtime tests.
+"""A tiny ONNX model that honours the docs/contract.md §6 I/O contract, for runtime tests.
 
 Its outputs are simple, exactly computable functions of the inputs, so tests can check them
 with NumPy and compare batched against single-clip runs with ``np.array_equal``:
