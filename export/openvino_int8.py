@@ -4,7 +4,7 @@ NNCF's transformer preset (``ModelType.TRANSFORMER``: symmetric int8 weights per
 asymmetric activations, SmoothQuant on MatMuls) quantises every product it finds. Three things
 are kept out of it (``ignored_scope``), because each costs more accuracy than it buys speed:
 
-- the keypoint op (SPEC section 6): every node upstream of ``part_weights`` that depends on
+- the keypoint op (docs/contract.md §6): every node upstream of ``part_weights`` that depends on
   keypoints/crop_size only. Its part weights must stay within 1e-5 of fp32, which int8 cannot
   give; the op is a small part of the time.
 - the patch embedding (the first product on the frames): its 768-long dot products over raw
