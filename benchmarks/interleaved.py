@@ -2,6 +2,7 @@
 
     python benchmarks/interleaved.py fp32.onnx int8.onnx [model_int8.xml] [--openvino f32 bf16] [--batch-sizes 1 8]
 
+Each turn runs one untimed call, then ``CLIPS_PER_TURN`` clips in consecutive calls.
 ``run.py`` measures one engine after another; on a shared virtual machine the host's load can
 move an engine's speed by 20% between minutes (seen: the same int8 file at 5.5 and 7.0 clips/s
 ten minutes apart), which distorts ratios between engines. Here every round times each engine
@@ -11,12 +12,17 @@ OpenVINO IR files (.xml, e.g. export/to_openvino.py's int8) on OpenVINO at f32;
 ``--openvino`` adds the first file on OpenVINO at the given compute precisions.
 """
 import argparse
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 from keyreid.cli import positive_int, run_main
+
+# Clips each engine runs per turn, in consecutive calls after one untimed call: steady-state speed
+# (a single cold call right after another engine ran measures its wake-up, not its speed).
+CLIPS_PER_TURN = 8
 from keyreid.model_kinds import model_kind
 
 HERE = Path(__file__).resolve().parent
@@ -56,10 +62,13 @@ def main(argv=None) -> int:
     rates = {(name, batch): [] for name in runners for batch in feeds}
     for round_index in range(args.rounds):
         for batch, feed in feeds.items():
+            calls = math.ceil(CLIPS_PER_TURN / batch)
             for name, run in runners.items():
+                run(feed)       # untimed: the engine's threads and caches warm up after the others ran
                 start = time.perf_counter()
-                run(feed)
-                rates[name, batch].append(batch / (time.perf_counter() - start))
+                for _ in range(calls):
+                    run(feed)
+                rates[name, batch].append(calls * batch / (time.perf_counter() - start))
         print(f"round {round_index + 1} of {args.rounds} done", flush=True)
     first = next(iter(runners))
     print(f"\n{'engine':<40}" + "".join(f"{f'batch {batch} clips/s':>20}{'ratio':>8}" for batch in feeds))

@@ -24,7 +24,7 @@ def draw_speed_figure(payload: dict, path: Path) -> Path:
     engines = payload["engines"]
     batches = sorted({int(batch) for result in engines.values() for batch in result["batches"]})
     values = [entry["clips_per_s"] for result in engines.values() for entry in result["batches"].values()]
-    values += [result["limit_clips_per_s"] for result in engines.values()]
+    values += [result["limit_clips_per_s"] for result in engines.values() if result["limit_clips_per_s"]]
     low, high = math.log10(min(values) / 1.5), math.log10(max(values) * 1.5)
     image = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
@@ -67,9 +67,9 @@ def draw_speed_figure(payload: dict, path: Path) -> Path:
         cv2.putText(image, name, (LEFT + plot_w + 38, legend_y), FONT, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
         limit = result["limit_clips_per_s"]
         graph = result.get("graph", name)
-        if graph in drawn_limits:
+        if limit is None or (graph, limit) in drawn_limits:
             continue
-        drawn_limits.add(graph)
+        drawn_limits.add((graph, limit))
         y = y_of(limit)
         for x in range(LEFT, LEFT + plot_w, 12):      # dashed
             cv2.line(image, (x, y), (min(x + 6, LEFT + plot_w), y), colour, 1)

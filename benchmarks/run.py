@@ -202,6 +202,13 @@ def annotate(engines: dict, arithmetic: dict, limits: dict) -> None:
     """Add ratio to the reference, achieved rate and fraction of the limit, in place."""
     for name, result in engines.items():
         graph = result.get("graph", name)
+        if graph is None:       # not an ONNX graph we can count (the OpenVINO int8 IR): speed only
+            result["limit_clips_per_s"] = None
+            for batch, entry in result["batches"].items():
+                reference = engines["reference"]["batches"].get(batch)
+                entry.update(vs_reference=entry["clips_per_s"] / reference["clips_per_s"] if reference else None,
+                             ops_per_s=None, fraction_of_limit=None)
+            continue
         counted = arithmetic[graph]
         result["arithmetic_per_clip"] = counted
         result["limit_clips_per_s"] = limit_clips_per_s(counted, limits, FLOAT_LIMIT_KEYS.get(name, "fp32_ops_per_s"))
@@ -223,8 +230,10 @@ def table(engines: dict) -> str:
             ratio = f"{entry['vs_reference']:.2f}x" if entry.get("vs_reference") else "-"
             latency = (f"{entry['p50_ms']:>9.0f}{entry['p95_ms']:>9.0f}" if "p50_ms" in entry else f"{'-':>9}{'-':>9}")
             rss = f"{memory:>14.0f}" if index == 0 and memory is not None else f"{'':>14}"
+            rate = (f"{entry['ops_per_s'] / 1e9:>8.1f}{entry['fraction_of_limit']:>10.0%}"
+                    if entry.get("ops_per_s") is not None else f"{'-':>8}{'-':>10}")
             lines.append(f"{name if index == 0 else '':<20}{batch:>6}{entry['clips_per_s']:>10.3f}{ratio:>8}"
-                         f"{latency}{entry['ops_per_s'] / 1e9:>8.1f}{entry['fraction_of_limit']:>10.0%}{rss}")
+                         f"{latency}{rate}{rss}")
     return "\n".join(lines)
 
 
@@ -237,6 +246,22 @@ def openvino_installed() -> bool:
     return True
 
 
+def openvino_int8_ir(fp32_path: Path, workdir: Path):
+    """The NNCF int8 IR of ``fp32_path`` (made once, verified, not timed); None without NNCF."""
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        print("OpenVINO int8 row skipped: pip install 'keyreid[openvino-int8]'", flush=True)
+        return None
+    from keyreid.export.to_openvino import export_openvino_int8
+
+    output = workdir / f"{fp32_path.stem}_openvino_int8.xml"
+    if not output.exists():
+        print("quantising for OpenVINO with NNCF (not timed)", flush=True)
+        export_openvino_int8(fp32_path, output)
+    return output
+
+
 def targets_summary(engines: dict, limit: dict, agreement: dict) -> list:
     """The ratios the CPU-portability targets are stated in, for every measured batch size:
     the best fp32 engine against the fastest fp32 GEMM any library here reached, the best int8
@@ -244,7 +269,8 @@ def targets_summary(engines: dict, limit: dict, agreement: dict) -> list:
     float_rates = {"ONNX Runtime": limit["fp32_ops_per_s"], "torch": limit.get("torch_fp32_ops_per_s"),
                    "OpenVINO": limit.get("openvino_f32_ops_per_s")}
     fastest_library = max((name for name, rate in float_rates.items() if rate), key=lambda name: float_rates[name])
-    groups = {"fp32": ("onnx fp32", "openvino f32"), "int8": ("onnx int8",), "bf16": ("openvino bf16",)}
+    groups = {"fp32": ("onnx fp32", "openvino f32"), "int8": ("onnx int8", "openvino int8"),
+              "bf16": ("openvino bf16",)}
     lines = []
     batches = engines["onnx fp32"]["batches"]
     for batch in batches:
@@ -322,6 +348,9 @@ def main(argv=None) -> int:
             for precision in ("f32",) + (("bf16",) if cpu_isa().bf16 else ()):
                 factories[f"openvino {precision}"] = lambda precision=precision: \
                     openvino_runner(onnx_paths["fp32"], args.threads, precision)
+            int8_ir = openvino_int8_ir(onnx_paths["fp32"], workdir)
+            if int8_ir is not None:
+                factories["openvino int8"] = lambda: openvino_runner(int8_ir, args.threads)
         print(f"model width {checkpoint.config.embed_dim}, heatmap mode {mode}; each measurement: one warm-up, "
               f"then up to {args.repeats} calls or {args.budget:g} s", flush=True)
         engines, outputs = measure_engines(factories, feeds, args.repeats, args.budget)
@@ -344,6 +373,8 @@ def main(argv=None) -> int:
     for name in FLOAT_LIMIT_KEYS:
         if name in engines:
             engines[name]["graph"] = "onnx fp32"
+    if "openvino int8" in engines:
+        engines["openvino int8"]["graph"] = None
     annotate(engines, arithmetic, limit)
 
     print()

@@ -64,14 +64,16 @@ def test_run_script_measures_every_engine_and_writes_json_and_figure(reduced_che
     other_recipe = ["onnx int8-avx2"] if resolve_int8_target() != "avx2" else []     # its cost on this CPU
     bf16 = ["openvino bf16"] if cpu_isa().bf16 else []
     assert list(engines) == ["reference", "torch deploy", "onnx fp32", "onnx int8", *other_recipe, "openvino f32",
-                             *bf16, "runner (fp32)", "runner (int8)"]
+                             *bf16, "openvino int8", "runner (fp32)", "runner (int8)"]
+    assert engines["openvino int8"]["limit_clips_per_s"] is None       # an IR: speed, no counted limit
+    assert payload["accuracy"]["openvino int8"]["min_cosine_vs_reference"] >= 0.999
     assert engines["openvino f32"]["graph"] == "onnx fp32"
     assert payload["accuracy"]["openvino f32"]["min_cosine_vs_reference"] > 0.9999
     assert "fp32 GEMM rate (the fastest here)" in printed      # the targets summary
     for name, result in engines.items():
         assert name in printed
         for entry in result["batches"].values():
-            assert entry["clips_per_s"] > 0 and 0 < entry["fraction_of_limit"]
+            assert entry["clips_per_s"] > 0 and (name == "openvino int8" or 0 < entry["fraction_of_limit"])
     assert set(engines["onnx fp32"]["batches"]) == {"1", "2"}
     assert engines["onnx fp32"]["arithmetic_per_clip"]["fp32_flops"] == \
         engines["torch deploy"]["arithmetic_per_clip"]["fp32_flops"]
