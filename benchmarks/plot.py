@@ -12,8 +12,9 @@ import numpy as np
 WIDTH, HEIGHT = 900, 560
 LEFT, RIGHT, TOP, BOTTOM = 80, 230, 40, 60
 # BGR, one per engine in drawing order
+# BGR, one per engine row (ten rows with every CPU backend measured)
 COLOURS = [(60, 60, 60), (180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),
-           (75, 86, 140), (194, 119, 227)]
+           (75, 86, 140), (194, 119, 227), (34, 189, 188), (207, 190, 23), (127, 127, 127), (0, 0, 128)]
 FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
 
 
