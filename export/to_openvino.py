@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from keyreid.cli import Steps, positive_int, run_main
 from keyreid.errors import KeyreidError
+from keyreid.int8_targets import recipe_metadata
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.files import atomic_output_with_companions, check_distinct_outputs, check_writable
 from keyreid.model_kinds import OPENVINO_SUFFIXES, OPENVINO_WEIGHTS_SUFFIX, model_kind
@@ -33,7 +34,9 @@ verification against the fp32 file, both in OpenVINO at f32, on sample clips:
 exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
 130 interrupted, 143 terminated (nothing written, no temporary file left)."""
 
-INT8_METADATA = {"precision": "int8", "int8_tool": "nncf"}
+# NNCF's codes are full 8-bit: exact where int8 sums are 32-bit (VNNI, AMX), like the ONNX
+# Runtime vnni recipe (keyreid/int8_targets.py); the engine says so on a CPU without VNNI.
+INT8_METADATA = {"precision": "int8", "int8_tool": "nncf", **recipe_metadata("vnni")}
 
 
 @dataclass(frozen=True)

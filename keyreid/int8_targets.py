@@ -92,13 +92,23 @@ def needs_exact_u8u8_path(recipe: Optional[Int8Recipe], isa: CpuIsa) -> bool:
     return recipe is not None and not recipe.saturation_free and not isa.vnni
 
 
-def int8_cpu_mismatch(metadata: Mapping[str, str], isa: CpuIsa, source: object) -> Optional[str]:
-    """A sentence for the user when an int8 file meets a CPU its recipe does not suit, else None."""
+def int8_cpu_mismatch(metadata: Mapping[str, str], isa: CpuIsa, source: object,
+                      exact_path: bool = True) -> Optional[str]:
+    """A sentence for the user when an int8 file meets a CPU its recipe does not suit, else None.
+
+    ``exact_path``: the backend can keep saturating codes exact (ONNX Runtime's u8 x u8 kernel);
+    OpenVINO cannot, so an int8 IR (full 8-bit codes, made by NNCF) on such a CPU loses accuracy.
+    """
     recipe = file_recipe(metadata)
     if recipe is None:
         return None
     made_for = f"made for {metadata[TARGET_KEY]} CPUs" if TARGET_KEY in metadata else "made with 8-bit codes"
     here = f"this CPU is class {isa.cpu_class}"
+    if needs_exact_u8u8_path(recipe, isa) and not exact_path:
+        return (f"{source}: this int8 file was {made_for}, and {here} (no VNNI): its 8-bit products can "
+                "saturate the 16-bit sums of the AVX2 kernels, which lowers its accuracy here (reduced "
+                "model under AVX2 emulation: cosine 0.99994 -> 0.99965). On this CPU use an ONNX Runtime "
+                "int8 file exported with --target-cpu avx2, or the fp32 file")
     if needs_exact_u8u8_path(recipe, isa):
         return (f"{source}: this int8 file was {made_for}, and {here} (no VNNI): its 8-bit products "
                 "would saturate the 16-bit sums of the AVX2 kernels, so ONNX Runtime runs them on its "

@@ -43,7 +43,8 @@ from typing import Dict, Optional
 import numpy as np
 
 from keyreid.cpu_features import cpu_isa
-from keyreid.errors import KeyreidError
+from keyreid.errors import KeyreidError, warn_once
+from keyreid.int8_targets import int8_cpu_mismatch
 from keyreid.lazy import require
 from keyreid.model_kinds import model_kind
 from keyreid.runtime import openvino_ir
@@ -216,6 +217,9 @@ class OpenVinoEngine(Engine):
         input_specs, output_specs = check_io(self.path, [_found_tensor(port) for port in model.inputs],
                                              [_found_tensor(port) for port in model.outputs])
         num_cameras = metadata_num_cameras(metadata, self.path)
+        mismatch = int8_cpu_mismatch(metadata, cpu_isa(), self.path, exact_path=False)
+        if mismatch:
+            warn_once(mismatch)
         config = {hints.performance_mode: hints.PerformanceMode.LATENCY}
         if self._threads is not None:
             config[properties.inference_num_threads] = self._threads

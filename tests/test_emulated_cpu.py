@@ -107,3 +107,18 @@ def test_without_the_exact_path_the_vnni_file_saturates_on_avx2_kernels(emulated
     with_exact_path = emulated_compare("--engine", str(files["vnni"]), "--reference", str(files["reference"]),
                                        *INT8_GATE)[1]
     assert _embedding_cosine(printed) < _embedding_cosine(with_exact_path) - 5e-5
+
+
+def test_an_openvino_int8_ir_on_avx2_kernels_says_it_loses_accuracy_there(emulated_compare, files, reduced_onnx,
+                                                                             tmp_path):
+    """OpenVINO has no exact path for full 8-bit codes: on the emulated AVX2 CPU the engine says so
+    once (the accuracy drop itself is recorded in benchmarks/RESULTS.md section 8, not gated)."""
+    pytest.importorskip("nncf")
+    from keyreid.export.to_openvino import export_openvino_int8
+
+    ir = export_openvino_int8(reduced_onnx, tmp_path / "int8.xml", calibration_clips=4, verify=False).xml_path
+    returncode, printed = emulated_compare("--engine", str(ir), "--reference", str(files["reference"]),
+                                           "--tolerance-rel", "none", "--tolerance-cosine", "none",
+                                           "--part-weights-abs", "1e-5")
+    assert returncode == 0, printed
+    assert printed.count("warning:") == 1 and "no VNNI" in printed and "--target-cpu avx2" in printed

@@ -127,3 +127,26 @@ def test_exporter_refuses_a_non_fp32_input_and_a_non_xml_output(reduced_onnx, tm
     with pytest.raises(KeyreidError, match="fp32 .onnx"):
         export_openvino_int8(tmp_path / "model.xml", tmp_path / "out.xml")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cpu_class, warned", [("avx2", 1), ("vnni", 0), ("amx", 0)])
+def test_int8_ir_on_a_cpu_without_vnni_says_once_that_it_loses_accuracy_there(case, monkeypatch, tmp_path,
+                                                                               cpu_class, warned):
+    import warnings
+
+    from keyreid.errors import KeyreidWarning
+    from keyreid.int8_targets import TARGET_KEY
+
+    _, _, _, ir = case
+    copy = tmp_path / f"{cpu_class}_{ir.name}"          # a process warns once per file and message
+    shutil.copy(ir, copy)
+    shutil.copy(ir.with_suffix(".bin"), copy.with_suffix(".bin"))
+    monkeypatch.setenv("KEYREID_CPU_CLASS", cpu_class)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with open_engine(copy) as engine:
+                assert engine.metadata[TARGET_KEY] == "vnni"
+    messages = [str(warning.message) for warning in caught if issubclass(warning.category, KeyreidWarning)]
+    assert len(messages) == warned
+    assert all("--target-cpu avx2" in message and "saturate" in message for message in messages)
