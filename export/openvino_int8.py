@@ -28,7 +28,7 @@ import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.engine_openvino import OUTPUT_PART_WEIGHTS, PART_WEIGHT_INPUTS
+from keyreid.runtime.engine_openvino import OUTPUT_PART_WEIGHTS
 
 _NNCF_FOR = ("nncf", "int8 for OpenVINO (pip install keyreid[openvino-int8])")
 NETWORK_INPUTS = ("frames", "camera")           # what the keypoint op does not read

@@ -53,12 +53,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     group.add_argument("--backend", action="append", choices=(AUTO,) + backend_names(), metavar="NAME",
                        help="what runs the model: " + "; ".join(f"{backend.name}: {backend.summary}"
                                                                 for backend in BACKENDS)
-                            + "; auto (default): ONNX Runtime for .onnx files, the only choice for the "
-                              "others. compare.py takes it once for every --engine or once per --engine")
+                            + "; auto (default): the first of these that runs the model and takes every "
+                              "flag given (.onnx: ONNX Runtime, or OpenVINO with --inference-precision). "
+                              "compare.py takes it once for every --engine or once per --engine")
     group.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS, metavar="P",
                        help="OpenVINO's compute precision, always pinned: f32 (default, exact), bf16 "
                             "(CPUs with AMX or AVX-512 BF16; close to f32, not equal), auto (bf16 on AMX "
-                            "CPUs, else f32). --backend openvino only")
+                            "CPUs, else f32). OpenVINO only: with --backend auto it selects OpenVINO")
     group.add_argument("--providers", type=parse_providers, metavar="LIST",
                        help="ONNX Runtime execution providers, most preferred first, comma-separated "
                             "(full names or cpu, cuda, tensorrt; default: TensorRT, CUDA, CPU, "
@@ -130,8 +131,8 @@ def _engine_backend(args: argparse.Namespace, engine_path: Union[str, Path], ind
     kind = model_kind(engine_path)
     if kind is None:
         return None
-    asked = [keyword for backend in BACKENDS for flag, keyword in backend.cli_flags.items()
-             if flag in _given_backend_flags(args)]
+    given = set(_given_backend_flags(args))
+    asked = [keyword for backend in BACKENDS for flag, keyword in backend.cli_flags.items() if flag in given]
     return choose_backend(kind, requested_backend(args, index), engine_path, asked)
 
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from keyreid.reference_results import read_reference_results
 from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, check_engine_arguments,
                                       cpu_banner, engine_banner, engine_location, engine_options)
 from keyreid.model_kinds import model_kind
-from keyreid.runtime.engines import Engine, open_engine
+from keyreid.runtime.engines import Engine, open_engine, run_in_pieces
 from keyreid.runtime.evaluation import squared_euclidean_distances
 from keyreid.runtime.pipeline import load_tracklet_clips
 from keyreid.plan_sidecar import check_built_from, read_sidecar
@@ -167,15 +167,6 @@ def tracklet_clips(root: Path, limit: Optional[int], default_camera: int,
     return stack_clips(clips)
 
 
-def run_in_batches(infer: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]],
-                   feed: Dict[str, np.ndarray], batch: int) -> Dict[str, np.ndarray]:
-    """``infer`` on consecutive slices of ``feed``; outputs concatenated."""
-    total = len(feed["camera"])
-    parts = [infer({name: value[start:start + batch] for name, value in feed.items()})
-             for start in range(0, total, batch)]
-    return {name: np.concatenate([part[name] for part in parts]) for name in ("embedding", "part_weights")}
-
-
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if len(args.engine) > 2:
         parser.error("give --engine at most twice")
@@ -260,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(cpu_banner())
         print(f"under test: {describe_engine(engine)}")
         batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH_SIZE
-        actual = run_in_batches(engine.infer, feed, batch)
+        actual = run_in_pieces(engine.infer, feed, batch)
         engine_mode = engine.metadata.get("heatmap_mode")
         row = engine_row(engine)
 
@@ -275,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         with open_engine(args.engine[1], **engine_options(args, args.engine[1], index=1)) as reference:
             print(f"reference:  {describe_engine(reference)}")
-            expected = run_in_batches(reference.infer, feed, min(batch, reference.max_batch or batch))
+            expected = run_in_pieces(reference.infer, feed, min(batch, reference.max_batch or batch))
             row = looser(row, engine_row(reference))
     print(f"inputs:     {source}, batches of {batch}")
     print(f"tolerances: {row} (by precision; --tolerance-rel, --tolerance-cosine, --part-weights-abs override)")

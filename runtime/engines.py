@@ -19,7 +19,7 @@ import numpy as np
 
 from keyreid.contract import INPUTS, NUM_PARTS, CLIP_FRAMES, TensorSpec, camera_problem, output_specs
 from keyreid.errors import KeyreidError
-from keyreid.model_kinds import ONNX_SUFFIXES, TENSORRT_SUFFIXES, known_model_kind  # noqa: F401 (re-exported)
+from keyreid.model_kinds import known_model_kind
 from keyreid.runtime.backends import choose_backend
 
 # Embedding length is D * (1 + NUM_PARTS * CLIP_FRAMES) for model width D (docs/contract.md §2).
