@@ -22,9 +22,9 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "keyreid" / "__init__.py
 RUNTIME = ["numpy>=1.24", "opencv-python-headless>=4.8", "onnxruntime>=1.17"]
 # Any recent torch works; the README pins the CPU build for CPU-only machines.
 EXPORT = ["torch>=2.1", "onnx>=1.16", "onnxscript>=0.1"]
-GALLERY = ["faiss-cpu>=1.7.4"]     # large galleries (runtime/gallery_index.py); NumPy needs nothing
+GALLERY = ["faiss-cpu>=1.7.4"]     # large galleries (runtime/results/gallery_index.py); NumPy needs nothing
 # OpenVINO's CPU plugin as a second .onnx backend; onnx inlines the file's local functions,
-# which OpenVINO's ONNX frontend does not (runtime/engine_openvino.py). Tested with 2026.4.1.
+# which OpenVINO's ONNX frontend does not (runtime/backends/openvino.py). Tested with 2026.4.1.
 OPENVINO = ["openvino>=2026.0", "onnx>=1.16"]
 # int8 IR for OpenVINO (export/to_openvino.py): NNCF's post-training quantisation. nncf 3.4.0
 # installs without torch and leaves numpy < 2 alone (it pulls scikit-learn, pydot, rich, ninja,

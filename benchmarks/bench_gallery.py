@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
 from keyreid.cpu_features import cpu_isa  # noqa: E402
 from keyreid.files import write_json  # noqa: E402
-from keyreid.runtime.gallery import Gallery  # noqa: E402
-from keyreid.runtime.gallery_index import BACKENDS  # noqa: E402
+from keyreid.runtime.results.gallery_store import Gallery  # noqa: E402
+from keyreid.runtime.results.gallery_index import BACKENDS  # noqa: E402
 
 TRACKLETS_PER_IDENTITY = 8
 NUM_CAMERAS = 6

@@ -33,11 +33,11 @@ from bench_runner import export_reduced_engine, interleaved_median_seconds  # no
 from machine import banner, describe  # noqa: E402
 
 from keyreid.files import write_json  # noqa: E402
-from keyreid.runtime.engines import open_engine  # noqa: E402
-from keyreid.runtime.images import resize_like_pil  # noqa: E402
-from keyreid.runtime.online import OnlineEncoder  # noqa: E402
-from keyreid.runtime.runner import Runner  # noqa: E402
-from keyreid.runtime.tracklets import num_clips, split_into_clips  # noqa: E402
+from keyreid.runtime.backends import open_engine  # noqa: E402
+from keyreid.runtime.inputs.images import resize_like_pil  # noqa: E402
+from keyreid.runtime.serving.online import OnlineEncoder  # noqa: E402
+from keyreid.runtime.serving.runner import Runner  # noqa: E402
+from keyreid.runtime.inputs.tracklets import num_clips, split_into_clips  # noqa: E402
 
 CROP_SIZES = ((128, 256), (64, 128), (90, 300))     # (width, height): MARS, and two tracker sizes
 MAX_BATCH = 8

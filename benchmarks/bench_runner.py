@@ -38,12 +38,12 @@ from machine import banner, describe  # noqa: E402
 
 from keyreid.contract import stack_clips  # noqa: E402
 from keyreid.files import write_json  # noqa: E402
-from keyreid.runtime.engines import open_engine  # noqa: E402
-from keyreid.runtime.pipeline import (clip_loader, clip_requests, load_tracklet_clips, run_tracklets,  # noqa: E402
+from keyreid.runtime.backends import open_engine  # noqa: E402
+from keyreid.runtime.serving.pipeline import (clip_loader, clip_requests, load_tracklet_clips, run_tracklets,  # noqa: E402
                                       total_clips)
-from keyreid.runtime.poses import PoseTally  # noqa: E402
-from keyreid.runtime.runner import Runner  # noqa: E402
-from keyreid.runtime.tracklets import discover_tracklets  # noqa: E402
+from keyreid.runtime.inputs.poses import PoseTally  # noqa: E402
+from keyreid.runtime.serving.runner import Runner  # noqa: E402
+from keyreid.runtime.inputs.tracklets import discover_tracklets  # noqa: E402
 
 METHODS = ("runner", "clip_by_clip", "batched")
 CONTEXT = ("decode_only", "engine_only")
@@ -90,7 +90,7 @@ class RunnerBench:
         self.queue_delay_ms = queue_delay_ms
         self.tracklets = discover_tracklets(tracklet_dir).tracklets
         self.num_clips = total_clips(self.tracklets)
-        self.engine = open_engine(engine_path, providers=list(providers), intra_op_threads=threads)
+        self.engine = open_engine(engine_path, providers=list(providers), threads=threads)
         self.runner: Optional[Runner] = None
         self._decoded: Optional[List[dict]] = None
 

@@ -27,11 +27,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engines(bench_onnx, bench_checkpoint, tmp_path_factory):
-    from keyreid.runtime.engines import open_engine
+    from keyreid.runtime.backends import open_engine
     from keyreid.runtime.serve_triton import triton_server
 
     grpc_port, http_port = _free_port(), _free_port()
-    with open_engine(bench_onnx["fp32"], providers=["CPUExecutionProvider"], intra_op_threads=THREADS) as local:
+    with open_engine(bench_onnx["fp32"], providers=["CPUExecutionProvider"], threads=THREADS) as local:
         # No queue delay: a lone caller should not wait for company that never comes.
         with triton_server(local, grpc_port=grpc_port, http_port=http_port, max_batch=MAX_BATCH,
                            max_queue_delay_us=0, workspace=tmp_path_factory.mktemp("bench_triton") / "w"):

@@ -23,7 +23,7 @@ from keyreid.cli import positive_int, run_main
 # Clips each engine runs per turn, in consecutive calls after one untimed call: steady-state speed
 # (a single cold call right after another engine ran measures its wake-up, not its speed).
 CLIPS_PER_TURN = 8
-from keyreid.model_kinds import model_kind
+from keyreid.runtime.backends.formats import model_kind
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # sibling modules when run as a script

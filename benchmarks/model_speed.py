@@ -90,15 +90,15 @@ def onnxruntime_session(model, threads: int, providers: Sequence[str] = ("CPUExe
 def onnxruntime_runner(onnx_path: Path, threads: int, providers: Sequence[str] = ("CPUExecutionProvider",)):
     """The runtime's ONNX Runtime engine as a user gets it: contract checks on every feed, and on
     the CPU provider a batch run in pieces of ``CPU_CLIPS_PER_RUN`` clips."""
-    from keyreid.runtime.engine_ort import OrtEngine
+    from keyreid.runtime.backends.onnxruntime import OrtEngine
 
-    engine = OrtEngine(onnx_path, providers=list(providers), intra_op_threads=threads, inter_op_threads=1)
+    engine = OrtEngine(onnx_path, providers=list(providers), threads=threads, inter_op_threads=1)
     return engine.activate().infer
 
 
 def openvino_runner(onnx_path: Path, threads: int, inference_precision: str = "f32"):
     """The runtime's OpenVINO engine as a user gets it (whole batches per request)."""
-    from keyreid.runtime.engine_openvino import OpenVinoEngine
+    from keyreid.runtime.backends.openvino import OpenVinoEngine
 
     engine = OpenVinoEngine(onnx_path, threads=threads, inference_precision=inference_precision)
     return engine.activate().infer

@@ -40,8 +40,8 @@ def measure_case(config_name: str, seed: int, residual_scale: float, recipes, wo
     from keyreid.export.openvino_int8 import DEFAULT_RECIPE, RECIPES, quantise, synthetic_calibration_clips
     from keyreid.export.random_checkpoint import write_random_checkpoint
     from keyreid.export.verify import reference_results
-    from keyreid.runtime import openvino_ir
-    from keyreid.runtime.engine_openvino import read_openvino_model
+    from keyreid.runtime.backends import openvino_ir
+    from keyreid.runtime.backends.openvino import read_openvino_model
     from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
 
     config = VIT_B if config_name == "vit_b" else REDUCED

@@ -28,7 +28,7 @@ import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.engine_openvino import OUTPUT_PART_WEIGHTS
+from keyreid.runtime.backends.openvino import OUTPUT_PART_WEIGHTS
 
 _NNCF_FOR = ("nncf", "int8 for OpenVINO (pip install keyreid[openvino-int8])")
 NETWORK_INPUTS = ("frames", "camera")           # what the keypoint op does not read
@@ -156,10 +156,10 @@ def synthetic_calibration_clips(num_clips: int, num_cameras: Optional[int],
 
 def tracklet_calibration_clips(folder: Path, num_clips: int, num_cameras: Optional[int]) -> List[Dict[str, np.ndarray]]:
     """Up to ``num_clips`` single-clip feeds decoded from the tracklets under ``folder``
-    (runtime/tracklets.py's layout); cameras outside the model's range become -1 (mean)."""
-    from keyreid.runtime.pipeline import load_tracklet_clips
-    from keyreid.runtime.poses import PoseTally
-    from keyreid.runtime.tracklets import discover_tracklets
+    (runtime/inputs/tracklets.py's layout); cameras outside the model's range become -1 (mean)."""
+    from keyreid.runtime.serving.pipeline import load_tracklet_clips
+    from keyreid.runtime.inputs.poses import PoseTally
+    from keyreid.runtime.inputs.tracklets import discover_tracklets
 
     scan = discover_tracklets(folder)
     if not scan.tracklets:

@@ -18,7 +18,7 @@ from keyreid.errors import KeyreidError
 from keyreid.int8_targets import recipe_metadata
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.files import atomic_output_with_companions, check_distinct_outputs, check_writable
-from keyreid.model_kinds import OPENVINO_SUFFIXES, OPENVINO_WEIGHTS_SUFFIX, model_kind
+from keyreid.runtime.backends.formats import OPENVINO_SUFFIXES, OPENVINO_WEIGHTS_SUFFIX, model_kind
 
 DESCRIPTION = """\
 Quantise an fp32 KeyRe-ID ONNX file (made by to_onnx.py) to int8 for OpenVINO's CPU plugin,
@@ -81,7 +81,7 @@ def export_openvino_int8(onnx_path, output=None, *, calibration_clips: int = 16,
 
     Args:
         calibration_clips: clips NNCF collects activation ranges on.
-        tracklets: a folder of the user's tracklets to calibrate on (runtime/tracklets.py layout);
+        tracklets: a folder of the user's tracklets to calibrate on (runtime/inputs/tracklets.py layout);
             None: synthetic clips.
         verify: run the IR against the fp32 file before installing it; a failure raises
             KeyreidError and writes nothing.
@@ -91,9 +91,9 @@ def export_openvino_int8(onnx_path, output=None, *, calibration_clips: int = 16,
                                               tracklet_calibration_clips)
     from keyreid.export.verify import verify_openvino_int8
     from keyreid.lazy import require
-    from keyreid.runtime import openvino_ir
-    from keyreid.runtime.engine_openvino import read_openvino_model
-    from keyreid.runtime.engines import metadata_num_cameras
+    from keyreid.runtime.backends import openvino_ir
+    from keyreid.runtime.backends.openvino import read_openvino_model
+    from keyreid.runtime.backends.base import metadata_num_cameras
 
     for name, value in (("calibration_clips", calibration_clips), ("verify_clips", verify_clips)):
         if value < 1:

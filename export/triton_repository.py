@@ -6,7 +6,7 @@
 
 The model's description (heatmap mode, cameras, embedding length, precision, ...) goes into the
 configuration's string ``parameters`` under the ONNX metadata keys, where
-:class:`~keyreid.runtime.engine_triton.TritonEngine` reads it back on connect. The configuration
+:class:`~keyreid.runtime.backends.triton.TritonEngine` reads it back on connect. The configuration
 text is validated by parsing it with the ``ModelConfig`` protobuf that ``tritonclient`` ships,
 then checked against the contract, before anything is written.
 """
@@ -24,7 +24,7 @@ from keyreid.errors import KeyreidError
 from keyreid.files import copy_file, write_bytes
 from keyreid.plan_sidecar import read_sidecar, sidecar_path
 from keyreid.lazy import require
-from keyreid.model_kinds import TENSORRT_SUFFIXES, model_kind
+from keyreid.runtime.backends.formats import TENSORRT_SUFFIXES, model_kind
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, config_datatype,
                             preferred_batch_sizes, wire_dims)
 
@@ -60,7 +60,7 @@ class RepositoryOptions:
 def describe_onnx(path: Path) -> ModelDescription:
     """Open the ONNX model on ONNX Runtime's CPU provider: this checks its I/O against the
     contract and reads its metadata (cameras, heatmap mode, embedding length)."""
-    from keyreid.runtime.engine_ort import OrtEngine
+    from keyreid.runtime.backends.onnxruntime import OrtEngine
 
     with OrtEngine(path, providers=["CPUExecutionProvider"]) as engine:
         return ModelDescription(path, "onnx", engine.output_specs, engine.metadata)

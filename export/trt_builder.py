@@ -26,7 +26,7 @@ from keyreid.contract import HEATMAP_MODES, INPUTS, OP_DOMAIN, OP_NAME
 from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes
 from keyreid.lazy import require
-from keyreid.runtime.engine_trt import cuda_call, device_facts
+from keyreid.runtime.backends.tensorrt import cuda_call, device_facts
 from keyreid.plan_sidecar import PlanSidecar, file_sha256, sidecar_path, write_sidecar
 
 MIN_TENSORRT_MAJOR = 10

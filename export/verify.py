@@ -20,10 +20,10 @@ def reference_results(model, inputs: dict, heatmap_mode: str) -> dict:
 
 
 def onnxruntime_results(onnx_path: Path, inputs: dict, threads: int = 0) -> dict:
-    from keyreid.runtime.engines import open_engine
+    from keyreid.runtime.backends import open_engine
 
     with open_engine(onnx_path, providers=["CPUExecutionProvider"],
-                     intra_op_threads=threads or None) as engine:
+                     threads=threads or None) as engine:
         return engine.infer(inputs)
 
 
@@ -37,7 +37,7 @@ def verify_onnx(onnx_path: Path, model, heatmap_mode: str, precision: str,
 
 def openvino_results(model_path: Path, inputs: dict, threads: int = 0) -> dict:
     """Outputs of an .onnx file or an IR on OpenVINO's CPU plugin at f32 (never its bf16 default)."""
-    from keyreid.runtime.engines import open_engine
+    from keyreid.runtime.backends import open_engine
 
     with open_engine(model_path, backend="openvino", inference_precision="f32", threads=threads or None) as engine:
         return engine.infer(inputs)

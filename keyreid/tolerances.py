@@ -15,7 +15,7 @@ TOLERANCES: Dict[str, Dict[str, Tolerance]] = {
     "fp32": {"embedding": Tolerance(max_rel=1e-4), "part_weights": Tolerance(max_abs=1e-5)},
     "fp16": {"embedding": Tolerance(min_cosine=0.999), "part_weights": Tolerance(max_abs=1e-3)},
     "int8": {"embedding": Tolerance(min_cosine=0.999), "part_weights": Tolerance(max_abs=1e-5)},
-    # OpenVINO computing an fp32 file in bf16 (its keypoint op stays f32: runtime/engine_openvino.py)
+    # OpenVINO computing an fp32 file in bf16 (its keypoint op stays f32: runtime/backends/openvino.py)
     "bf16": {"embedding": Tolerance(min_cosine=0.9995), "part_weights": Tolerance(max_abs=1e-5)},
 }
 

@@ -4,34 +4,28 @@ No torch here, not even lazily: a device needs NumPy, OpenCV and ONNX Runtime (o
 TensorRT).
 It reads the files the export step wrote and never imports ``keyreid.export``.
 
-Public entry points, in data-flow order:
+Rooms, in data-flow order (each subpackage's ``__init__`` lists its modules):
 
-- ``open_engine(path, backend="auto", **options) -> Engine``: an ``.onnx`` (ONNX Runtime, or
-  OpenVINO with ``backend="openvino"``) or ``.plan`` (TensorRT) model behind one interface;
-  ``Engine.infer(feed)`` runs one batch of clips laid out as docs/contract.md §6, checked against
-  the model (shapes, dtypes, camera range) first. ``backend_names()`` lists the backends
-  (the table is ``keyreid.runtime.backends.BACKENDS``).
-- ``Runner(engine, preprocess=...)``: many callers, one engine, dynamic batching;
-  ``submit_clip`` / ``submit_tracklet`` return futures.
-- ``discover_tracklets(dir)``, ``clip_loader(pose_tally)``, ``PoseTally``: tracklet folders
-  (frames and ``.pose`` files) and the hook that decodes them on the runner's threads.
-- ``run_tracklets(runner, tracklets, pose_tally) -> TrackletRun``: tracklet features (the
-  mean of their clips' embeddings) and the failures, in input order.
-- ``OnlineEncoder(engine)``: for an appliance's tracker, frame by frame; ``push`` crops and
-  keypoints per track, ``feature`` / ``finish`` give the track's feature (the same as a folder).
-- ``Gallery(dim)``: tracklet features with camera, time and label; top-k search by squared
-  Euclidean distance (exact NumPy, or FAISS), saved as one file.
+- ``backends/``: ``open_engine(path, backend="auto", **options) -> Engine``: an ``.onnx``
+  (ONNX Runtime, or OpenVINO), OpenVINO ``.xml``, TensorRT ``.plan`` or a Triton address behind
+  one interface; ``Engine.infer(feed)`` runs one batch of clips laid out as docs/contract.md §6,
+  checked against the model first. ``backend_names()`` lists the registered backends.
+- ``inputs/``: tracklet folders (``discover_tracklets``), frames, ``.pose`` files and COCO
+  keypoints (``PoseTally`` counts frames without a pose), the MARS layout.
+- ``serving/``: ``Runner(engine, preprocess=...)`` (many callers, one engine, dynamic batching;
+  defaults in ``RunnerOptions``), ``run_tracklets(runner, tracklets, pose_tally) ->
+  TrackletRun`` (tracklet features and failures in input order), ``OnlineEncoder(engine)`` (a
+  tracker pushes crops and keypoints frame by frame; a track's feature equals its folder's).
+- ``results/``: ``Gallery(dim)`` (features with camera, time and label; top-k search, saved as
+  one file), evaluation (CMC, mAP), the ranking figure.
 
-The command-line tools ``infer.py``, ``compare.py`` and ``gallery.py`` are thin layers over these.
+The command-line tools at the front (``infer.py``, ``compare.py``, ``gallery.py``,
+``serve_triton.py``; ``cli_args.py`` holds the options they share) are thin layers over these.
 """
-from keyreid.runtime.backends import backend_names
-from keyreid.runtime.engines import Engine, open_engine
-from keyreid.runtime.gallery import Gallery
-from keyreid.runtime.online import OnlineEncoder
-from keyreid.runtime.pipeline import TrackletRun, clip_loader, run_tracklets
-from keyreid.runtime.poses import PoseTally
-from keyreid.runtime.runner import Runner
-from keyreid.runtime.tracklets import discover_tracklets
+from keyreid.runtime.backends import Engine, backend_names, open_engine
+from keyreid.runtime.inputs import PoseTally, discover_tracklets
+from keyreid.runtime.results import Gallery
+from keyreid.runtime.serving import OnlineEncoder, Runner, RunnerOptions, TrackletRun, clip_loader, run_tracklets
 
-__all__ = ["open_engine", "backend_names", "Engine", "Runner", "discover_tracklets", "clip_loader", "PoseTally",
-           "run_tracklets", "TrackletRun", "OnlineEncoder", "Gallery"]
+__all__ = ["open_engine", "backend_names", "Engine", "Runner", "RunnerOptions", "discover_tracklets", "clip_loader",
+           "PoseTally", "run_tracklets", "TrackletRun", "OnlineEncoder", "Gallery"]

@@ -3,36 +3,28 @@
 ``infer.py``, ``compare.py`` and ``serve_triton.py`` open engines the same way; the options,
 the check of which ones apply (``check_engine_arguments``, a usage error naming the flag) and
 their parsing live here once, and turn into keyword arguments for ``open_engine`` and ``Runner``.
-Which flag belongs to which backend is read from ``keyreid.runtime.backends.BACKENDS``.
+Which flag belongs to which backend is read from ``keyreid.runtime.backends.registry.BACKENDS``.
 """
 import argparse
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from keyreid.cli import non_negative_float, positive_float, positive_int
+from keyreid.cli import non_negative_float, positive_int
 from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
-from keyreid.model_kinds import model_kind
-from keyreid.runtime.backends import AUTO, BACKENDS, Backend, backend_names, choose_backend
-from keyreid.runtime.engine_openvino import INFERENCE_PRECISIONS
-from keyreid.runtime.engines import Engine
+from keyreid.runtime.backends.formats import model_kind
+from keyreid.runtime.backends.declaration import Backend, EngineOption
+from keyreid.runtime.backends.registry import AUTO, BACKENDS, backend_names, choose_backend
+from keyreid.runtime.backends.base import Engine
 from keyreid.triton import is_triton_url
-from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE
-from keyreid.runtime.pipeline import DEFAULT_STALL_TIMEOUT_S
+from keyreid.runtime.inputs.images import DEFAULT_MAX_FRAME_SIDE
+from keyreid.runtime.serving.pipeline import DEFAULT_STALL_TIMEOUT_S
+from keyreid.runtime.serving.runner import DEFAULT_MAX_BATCH_SIZE, RunnerOptions
 
 ENGINE_HELP = ("model to run: .onnx (ONNX Runtime, or OpenVINO with --backend openvino), "
                ".plan/.engine/.trt (TensorRT), or grpc://HOST:PORT/MODEL or http://HOST:PORT/MODEL "
                "(a Triton Inference Server)")
 
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-DEFAULT_QUEUE_DELAY_MS = 5.0
-DEFAULT_QUEUE_SIZE = 8
-DEFAULT_WORKERS = 4
 
 
 def engine_location(text: str) -> Union[str, Path]:
@@ -40,15 +32,13 @@ def engine_location(text: str) -> Union[str, Path]:
     return text if is_triton_url(text) else Path(text)
 
 
-def parse_providers(text: str) -> List[str]:
-    """``"cuda,cpu"`` -> ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; full names pass."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("give at least one execution provider")
-    return [PROVIDER_ALIASES.get(name.lower(), name) for name in names]
+def _backends_taking(option: EngineOption) -> List[str]:
+    return [backend.name for backend in BACKENDS if option in backend.options]
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The engine options: --backend, the options every backend takes, then each option some
+    backends declare (backends/declaration.py), with its help naming the backends that take it."""
     group = parser.add_argument_group("engine options")
     group.add_argument("--backend", action="append", choices=(AUTO,) + backend_names(), metavar="NAME",
                        help="what runs the model: " + "; ".join(f"{backend.name}: {backend.summary}"
@@ -56,33 +46,26 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                             + "; auto (default): the first of these that runs the model and takes every "
                               "flag given (.onnx: ONNX Runtime, or OpenVINO with --inference-precision). "
                               "compare.py takes it once for every --engine or once per --engine")
-    group.add_argument("--inference-precision", choices=INFERENCE_PRECISIONS, metavar="P",
-                       help="OpenVINO's compute precision, always pinned: f32 (default, exact), bf16 "
-                            "(CPUs with AMX or AVX-512 BF16; close to f32, not equal), auto (bf16 on AMX "
-                            "CPUs, else f32). OpenVINO only: with --backend auto it selects OpenVINO")
-    group.add_argument("--providers", type=parse_providers, metavar="LIST",
-                       help="ONNX Runtime execution providers, most preferred first, comma-separated "
-                            "(full names or cpu, cuda, tensorrt; default: TensorRT, CUDA, CPU, "
-                            "whichever this onnxruntime build has). .onnx engines only")
-    group.add_argument("--threads", type=positive_int, metavar="N",
-                       help="threads of ONNX Runtime (inside one operator) or OpenVINO (default: "
-                            "the library's choice, one per core). .onnx engines only")
-    group.add_argument("--clips-per-run", type=positive_int, metavar="N",
-                       help="run a batch in pieces of N clips (ONNX Runtime default: 1 on the CPU "
-                            "provider, where it measured fastest per clip, whole batches on a GPU; "
-                            "OpenVINO default: whole batches). .onnx engines only")
     group.add_argument("--max-batch", type=positive_int, metavar="N",
-                       help="most clips per engine call (default: 16; a TensorRT engine runs a "
-                            "bigger call in pieces of its profile's maximum)")
+                       help="most clips per engine call (default: the engine's maximum, else %d; a "
+                            "TensorRT engine runs a bigger call in pieces of its profile's maximum)"
+                            % DEFAULT_MAX_BATCH_SIZE)
     group.add_argument("--num-cameras", type=positive_int, metavar="C",
                        help="cameras the model knows, for the camera range check (default: the "
-                            "ONNX metadata, or the TensorRT plan's sidecar)")
-    group.add_argument("--plugin", type=Path, action="append", default=[], metavar="LIB",
-                       help="TensorRT plugin library to load first (repeatable). TensorRT engines only")
-    group.add_argument("--timeout", type=positive_float, metavar="S",
-                       help="longest wait for one request to the server, in seconds (default: 60); "
-                            "requests the server cannot take are retried 3 times. Triton engines only")
+                            "ONNX metadata, or the TensorRT plan's sidecar; a Triton server does not "
+                            "publish it)")
+    for option in _backend_options():
+        takers = _backends_taking(option)
+        extra = {"action": "append", "default": []} if option.repeatable else {}
+        group.add_argument(option.flag, type=option.type, choices=option.choices, metavar=option.metavar,
+                           help=f"{option.help}. {' and '.join(takers)} backend{'s' if len(takers) > 1 else ''} only",
+                           **extra)
     return group
+
+
+def _backend_options() -> List[EngineOption]:
+    """Every option some backend declares, once each, in table order."""
+    return list({option.flag: option for backend in BACKENDS for option in backend.options}.values())
 
 
 def add_frame_limit_argument(parser: "argparse._ActionsContainer") -> None:
@@ -93,13 +76,13 @@ def add_frame_limit_argument(parser: "argparse._ActionsContainer") -> None:
 
 def add_runner_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("batching options")
-    group.add_argument("--queue-delay-ms", type=non_negative_float, default=DEFAULT_QUEUE_DELAY_MS,
+    group.add_argument("--queue-delay-ms", type=non_negative_float, default=RunnerOptions.max_queue_delay_ms,
                        metavar="MS",
                        help="longest a clip waits for a fuller batch (default: %(default)g)")
-    group.add_argument("--queue-size", type=positive_int, default=DEFAULT_QUEUE_SIZE, metavar="N",
+    group.add_argument("--queue-size", type=positive_int, default=RunnerOptions.max_queue_size, metavar="N",
                        help="tracklets decoded or waiting at once; bounds memory "
                             "(default: %(default)d)")
-    group.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, metavar="N",
+    group.add_argument("--workers", type=positive_int, default=RunnerOptions.preprocess_workers, metavar="N",
                        help="threads decoding frames and poses while the engine runs "
                             "(default: %(default)d)")
     group.add_argument("--stall-timeout", type=non_negative_float, default=DEFAULT_STALL_TIMEOUT_S,
@@ -115,8 +98,7 @@ def _dest(flag: str) -> str:
 
 def _given_backend_flags(args: argparse.Namespace) -> List[str]:
     """The backend-specific flags given on the command line (a flag's default is None or [])."""
-    flags = dict.fromkeys(flag for backend in BACKENDS for flag in backend.cli_flags)
-    return [flag for flag in flags if getattr(args, _dest(flag), None) not in (None, [])]
+    return [option.flag for option in _backend_options() if getattr(args, _dest(option.flag), None) not in (None, [])]
 
 
 def requested_backend(args: argparse.Namespace, index: int = 0) -> str:
@@ -132,7 +114,7 @@ def _engine_backend(args: argparse.Namespace, engine_path: Union[str, Path], ind
     if kind is None:
         return None
     given = set(_given_backend_flags(args))
-    asked = [keyword for backend in BACKENDS for flag, keyword in backend.cli_flags.items() if flag in given]
+    asked = [option.keyword for option in _backend_options() if option.flag in given]
     return choose_backend(kind, requested_backend(args, index), engine_path, asked)
 
 
@@ -151,8 +133,8 @@ def check_engine_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             parser.error(f"--backend {requested_backend(args, index)}: {exc}")
     known = [(engine, backend) for engine, backend in chosen if backend is not None]
     for flag in _given_backend_flags(args):
-        if known and not any(flag in backend.cli_flags for _, backend in known):
-            takers = [backend.name for backend in BACKENDS if flag in backend.cli_flags]
+        if known and not any(flag in backend.flags for _, backend in known):
+            takers = [backend.name for backend in BACKENDS if flag in backend.flags]
             runs = ", ".join(f"{engine} runs on {backend.name}" for engine, backend in known)
             parser.error(f"{flag} is for the {' and '.join(takers)} backend{'s' if len(takers) > 1 else ''}; {runs}")
 
@@ -168,10 +150,10 @@ def engine_options(args: argparse.Namespace, engine_path: Union[str, Path], inde
     if backend is None:
         return options
     options["backend"] = backend.name
-    for flag, keyword in backend.cli_flags.items():
-        value = getattr(args, _dest(flag), None)
+    for option in backend.options:
+        value = getattr(args, _dest(option.flag), None)
         if value not in (None, []):
-            options[keyword] = value
+            options[option.keyword] = value
     return options
 
 
@@ -185,9 +167,8 @@ def cpu_banner() -> str:
     return f"cpu: {cpu_isa().describe()}"
 
 
-def runner_options(args: argparse.Namespace) -> Dict[str, object]:
-    """Keyword arguments for ``Runner(engine, ...)`` (without ``preprocess``)."""
-    return {"max_batch_size": args.max_batch, "max_queue_delay_ms": args.queue_delay_ms,
-            "max_queue_size": args.queue_size, "block_when_full": True,
-            "block_timeout_s": args.stall_timeout, "preprocess_workers": args.workers}
-
+def runner_options(args: argparse.Namespace) -> RunnerOptions:
+    """The Runner's options from the batching flags (``Runner(engine, **options.as_kwargs())``)."""
+    return RunnerOptions(max_batch_size=args.max_batch, max_queue_delay_ms=args.queue_delay_ms,
+                         max_queue_size=args.queue_size, block_when_full=True,
+                         block_timeout_s=args.stall_timeout, preprocess_workers=args.workers)

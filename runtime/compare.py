@@ -28,14 +28,15 @@ from keyreid.tolerances import TOLERANCES, looser, precision_row
 from keyreid.reference_results import read_reference_results
 from keyreid.runtime.cli_args import (add_engine_arguments, add_frame_limit_argument, check_engine_arguments,
                                       cpu_banner, engine_banner, engine_location, engine_options)
-from keyreid.model_kinds import model_kind
-from keyreid.runtime.engines import Engine, open_engine, run_in_pieces
-from keyreid.runtime.evaluation import squared_euclidean_distances
-from keyreid.runtime.pipeline import load_tracklet_clips
+from keyreid.runtime.backends.formats import model_kind
+from keyreid.runtime.backends import Engine, open_engine
+from keyreid.runtime.backends.base import run_in_pieces
+from keyreid.runtime.results.evaluation import squared_euclidean_distances
+from keyreid.runtime.serving.pipeline import load_tracklet_clips
 from keyreid.plan_sidecar import check_built_from, read_sidecar
-from keyreid.runtime.poses import PoseTally
-from keyreid.runtime.runner import DEFAULT_MAX_BATCH_SIZE
-from keyreid.runtime.tracklets import discover_tracklets
+from keyreid.runtime.inputs.poses import PoseTally
+from keyreid.runtime.serving.runner import DEFAULT_MAX_BATCH_SIZE
+from keyreid.runtime.inputs.tracklets import discover_tracklets
 from keyreid.synthetic import synthetic_feed
 
 DESCRIPTION = """\

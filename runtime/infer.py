@@ -5,7 +5,7 @@
     python runtime/infer.py --engine model.onnx --query DIR --gallery DIR [--report report.json]
                             [--ranking-png ranking.png]
 
-A thin layer over ``keyreid.runtime.pipeline``: find the tracklets, run them through a Runner
+A thin layer over ``keyreid.runtime.serving.pipeline``: find the tracklets, run them through a Runner
 (decoding on worker threads while the engine runs), then write embeddings, metrics and figures.
 """
 import argparse
@@ -21,13 +21,13 @@ from keyreid.errors import KeyreidError
 from keyreid.runtime.cli_args import (ENGINE_HELP, add_engine_arguments, add_frame_limit_argument,
                                       add_runner_arguments, check_engine_arguments, cpu_banner, engine_banner,
                                       engine_location, engine_options, runner_options)
-from keyreid.runtime.engines import open_engine
-from keyreid.runtime.pipeline import Progress, TrackletRun, clip_loader, run_tracklets, total_clips
-from keyreid.runtime.query_gallery import QueryGalleryResult, evaluate_query_gallery
-from keyreid.runtime.poses import PoseTally
+from keyreid.runtime.backends import open_engine
+from keyreid.runtime.serving.pipeline import Progress, TrackletRun, clip_loader, run_tracklets, total_clips
+from keyreid.runtime.results.query_gallery import QueryGalleryResult, evaluate_query_gallery
+from keyreid.runtime.inputs.poses import PoseTally
 from keyreid.files import check_distinct_outputs, check_not_among, check_writable, write_bytes, write_json, write_npz
-from keyreid.runtime.runner import Runner
-from keyreid.runtime.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan, discover_tracklets
+from keyreid.runtime.serving.runner import Runner
+from keyreid.runtime.inputs.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan, discover_tracklets
 
 DESCRIPTION = """\
 Run a KeyRe-ID engine (.onnx on ONNX Runtime or OpenVINO, .plan/.engine/.trt on TensorRT, or a
@@ -188,7 +188,7 @@ def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
         for name, root in (("query", args.query), ("gallery", args.gallery)):
             sets.add_scan(name, discover_tracklets(root, default_camera=args.camera), prefix=f"{name}/")
     else:
-        from keyreid.runtime.mars import MARS_FILES, load_mars_test
+        from keyreid.runtime.inputs.mars import MARS_FILES, load_mars_test
         split = load_mars_test(args.root, args.keypoints)
         sets.input_files += [args.root / name for name in MARS_FILES]
         sets.add("query", split.query, split.failures)
@@ -293,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tally = PoseTally()
         progress = Progress(len(tracklets), total_clips(tracklets), interval_s=args.progress_seconds,
                             enabled=not args.quiet)
-        with Runner(engine, preprocess=clip_loader(tally, args.max_frame_side), **runner_options(args)) as runner:
+        with Runner(engine, preprocess=clip_loader(tally, args.max_frame_side), **runner_options(args).as_kwargs()) as runner:
             run = run_tracklets(runner, tracklets, tally, progress, stall_timeout_s=args.stall_timeout)
     steps.done()
 
@@ -319,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.report is not None:
             write_json(args.report, build_report(args, mode, sets, run, failures, evaluation))
         if args.ranking_png is not None:
-            from keyreid.runtime.ranking_figure import encode_png, ranking_figure
+            from keyreid.runtime.results.ranking_figure import encode_png, ranking_figure
             write_bytes(args.ranking_png, encode_png(ranking_figure(evaluation, args.ranking_queries)))
         if evaluation.unlabelled_queries:
             print(f"{len(evaluation.unlabelled_queries)} queries without an identity were not ranked "

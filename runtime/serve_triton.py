@@ -36,7 +36,7 @@ from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.cli import positive_int
 from keyreid.runtime.cli_args import add_engine_arguments, check_engine_arguments, engine_options
-from keyreid.runtime.engines import Engine, open_engine
+from keyreid.runtime.backends import Engine, open_engine
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS, DEFAULT_QUEUE_DELAY_US,
                             preferred_batch_sizes, wire_dims)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from keyreid.errors import KeyreidError
-from keyreid.runtime.coco_keypoints import COCO_FILE_NAME, box_iou, read_coco_keypoints
-from keyreid.runtime.pipeline import load_tracklet_clips
-from keyreid.runtime.poses import PoseTally
-from keyreid.runtime.tracklets import discover_tracklets
+from keyreid.runtime.inputs.coco_keypoints import COCO_FILE_NAME, box_iou, read_coco_keypoints
+from keyreid.runtime.serving.pipeline import load_tracklet_clips
+from keyreid.runtime.inputs.poses import PoseTally
+from keyreid.runtime.inputs.tracklets import discover_tracklets
 from keyreid.synthetic import realistic_keypoints
 
 cv2 = pytest.importorskip("cv2")
@@ -125,7 +125,7 @@ def test_bad_coco_file_fails_its_tracklet_with_the_reason_and_others_still_run(t
 
 
 def test_huge_coco_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from keyreid.runtime import coco_keypoints
+    from keyreid.runtime.inputs import coco_keypoints
     monkeypatch.setattr(coco_keypoints, "MAX_FILE_BYTES", 10)
     path = tmp_path / COCO_FILE_NAME
     path.write_text("[" + " " * 20 + "]")

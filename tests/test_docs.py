@@ -22,8 +22,9 @@ from keyreid.int8_targets import INT16_MAX, RECIPES, recipe_metadata
 from keyreid.kernels import body_parts
 from keyreid.kernels.onnx_function import FUNCTION_ATTRIBUTES
 from keyreid.plan_sidecar import BATCH_KEYS, FORMAT, FORMAT_VERSION, PlanSidecar
-from keyreid.runtime import evaluation, mars, poses
-from keyreid.runtime.tracklets import split_into_clips
+from keyreid.runtime.results import evaluation
+from keyreid.runtime.inputs import mars, poses
+from keyreid.runtime.inputs.tracklets import split_into_clips
 from keyreid.tolerances import TOLERANCES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from keyreid.cli import run_main
 from keyreid.errors import KeyreidError
 from keyreid.files import write_npz
 from keyreid.runtime import gallery as gallery_cli
-from keyreid.runtime.evaluation import evaluate_rankings, squared_euclidean_distances
-from keyreid.runtime.gallery import Gallery
-from keyreid.runtime.gallery_index import nearest
+from keyreid.runtime.results.evaluation import evaluate_rankings, squared_euclidean_distances
+from keyreid.runtime.results.gallery_store import Gallery
+from keyreid.runtime.results.gallery_index import nearest
 
 DIM = 64
 

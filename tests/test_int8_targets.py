@@ -24,7 +24,7 @@ from keyreid.export.verify import reference_results
 from keyreid.int8_targets import (ACTIVATION_BITS_KEY, INT16_MAX, NARROW_ACTIVATION_MAX, RECIPES, TARGET_KEY,
                                   int8_cpu_mismatch, needs_exact_u8u8_path)
 from keyreid.cpu_features import isa_of_class
-from keyreid.runtime.engine_ort import EXACT_INT8_OPTION, OrtEngine
+from keyreid.runtime.backends.onnxruntime import EXACT_INT8_OPTION, OrtEngine
 from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
 
 

@@ -11,11 +11,11 @@ import pytest
 from keyreid.comparator import Tolerance, compare_output
 from keyreid.errors import KeyreidError
 from keyreid.runtime import infer
-from keyreid.runtime.engine_ort import OrtEngine
-from keyreid.runtime.engines import open_engine
-from keyreid.runtime.online import EncoderBusy, OnlineEncoder
-from keyreid.runtime.runner import tracklet_feature
-from keyreid.runtime.tracklets import split_into_clips
+from keyreid.runtime.backends.onnxruntime import OrtEngine
+from keyreid.runtime.backends import open_engine
+from keyreid.runtime.serving.online import EncoderBusy, OnlineEncoder
+from keyreid.runtime.serving.runner import tracklet_feature
+from keyreid.runtime.inputs.tracklets import split_into_clips
 from keyreid.synthetic import realistic_keypoints
 
 from toy_engine_model import batch_feed, build_toy_model, expected_outputs

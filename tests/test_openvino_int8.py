@@ -8,8 +8,8 @@ import pytest
 
 from keyreid.cli import run_main
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engine_openvino import OpenVinoEngine
-from keyreid.runtime.engines import open_engine
+from keyreid.runtime.backends.openvino import OpenVinoEngine
+from keyreid.runtime.backends import open_engine
 from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
 
 pytest.importorskip("openvino")

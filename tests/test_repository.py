@@ -27,7 +27,7 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_runtime_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import keyreid.runtime, keyreid.kernels; "
-            "import keyreid.runtime.engines, keyreid.runtime.runner; print('ok')")
+            "import keyreid.runtime.backends.base, keyreid.runtime.serving.runner; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

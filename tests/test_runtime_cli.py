@@ -22,9 +22,11 @@ from keyreid.cli import run_main
 from keyreid.errors import KeyreidError
 from keyreid.comparator import Tolerance, compare_output
 from keyreid import files as result_files
-from keyreid.runtime import compare, images, infer, poses, ranking_figure
-from keyreid.runtime.engines import open_engine
-from keyreid.runtime.tracklets import split_into_clips
+from keyreid.runtime import compare, infer
+from keyreid.runtime.inputs import images, poses
+from keyreid.runtime.results import ranking_figure
+from keyreid.runtime.backends import open_engine
+from keyreid.runtime.inputs.tracklets import split_into_clips
 from keyreid.synthetic import write_synthetic_tracklet
 
 from toy_engine_model import build_toy_model
@@ -164,9 +166,9 @@ def test_each_frame_of_a_clip_keeps_its_own_crop_size_keypoints_and_part_weights
     pose in slot i, and the engine's part weights W (tested directly, docs/contract.md §5) must be
     the reference op's on exactly those per-frame inputs."""
     from keyreid.kernels import part_weights_reference
-    from keyreid.runtime.pipeline import clip_loader, clip_requests
-    from keyreid.runtime.runner import Runner
-    from keyreid.runtime.tracklets import discover_tracklets
+    from keyreid.runtime.serving.pipeline import clip_loader, clip_requests
+    from keyreid.runtime.serving.runner import Runner
+    from keyreid.runtime.inputs.tracklets import discover_tracklets
 
     tracklet = next(t for t in discover_tracklets(realistic_dir).tracklets if t.name == "d_nine")
     requests = clip_requests(tracklet)
@@ -576,8 +578,8 @@ def test_runtime_tools_import_and_run_without_torch(toy_model, good_pair, tmp_pa
     script = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None          # any import of torch now fails
-        import keyreid.runtime.infer, keyreid.runtime.compare, keyreid.runtime.pipeline
-        import keyreid.runtime.ranking_figure, keyreid.runtime.cli_args
+        import keyreid.runtime.infer, keyreid.runtime.compare, keyreid.runtime.serving.pipeline
+        import keyreid.runtime.results.ranking_figure, keyreid.runtime.cli_args
         assert keyreid.runtime.infer.main(["--engine", {str(toy_model)!r}, "--tracklets", {str(good_pair)!r},
                                            "--output", {str(tmp_path / 'o.npz')!r}, "-q"]) == 0
         assert keyreid.runtime.compare.main(["--engine", {str(toy_model)!r}, "--engine", {str(toy_model)!r},
@@ -614,7 +616,8 @@ def test_interrupting_infer_cancels_the_queued_clips_and_exits_promptly(toy_mode
     script = textwrap.dedent(f"""
         import sys, time
         from keyreid.cli import run_main
-        from keyreid.runtime import engine_ort, infer
+        from keyreid.runtime.backends import onnxruntime as engine_ort
+        from keyreid.runtime import infer
         original = engine_ort.OrtEngine.infer_impl
         def slow(self, feed):
             with open({str(calls)!r}, "a") as log:

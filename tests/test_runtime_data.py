@@ -13,7 +13,8 @@ import pytest
 
 from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MAX_CLIPS_PER_TRACKLET, NUM_KEYPOINTS
 from keyreid.errors import KeyreidError
-from keyreid.runtime import evaluation, images, mars, poses, tracklets
+from keyreid.runtime.results import evaluation
+from keyreid.runtime.inputs import images, mars, poses, tracklets
 
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
@@ -657,8 +658,8 @@ def test_summary_reports_skipped_queries():
 
 def test_data_modules_import_without_torch_pillow_or_scipy():
     code = ("import sys; sys.modules['torch'] = None; "
-            "import keyreid.runtime.images, keyreid.runtime.poses, keyreid.runtime.tracklets, "
-            "keyreid.runtime.evaluation, keyreid.runtime.mars; "
+            "import keyreid.runtime.inputs.images, keyreid.runtime.inputs.poses, keyreid.runtime.inputs.tracklets, "
+            "keyreid.runtime.results.evaluation, keyreid.runtime.inputs.mars; "
             "loaded = [name for name in ('PIL', 'scipy') if name in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

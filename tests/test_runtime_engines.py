@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engine_ort import CPU_CLIPS_PER_RUN, OrtEngine, choose_providers
-from keyreid.runtime.engines import open_engine
+from keyreid.runtime.backends.onnxruntime import CPU_CLIPS_PER_RUN, OrtEngine, choose_providers
+from keyreid.runtime.backends import open_engine
 
 from toy_engine_model import batch_feed, build_toy_model, expected_outputs, random_clip
 
@@ -206,7 +206,7 @@ def test_plan_without_tensorrt_names_the_gpu_extra(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("suffix", [".engine", ".trt"])
 def test_other_tensorrt_suffixes_open_the_tensorrt_engine(tmp_path, suffix):
-    from keyreid.runtime.engine_trt import TrtEngine
+    from keyreid.runtime.backends.tensorrt import TrtEngine
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"x")
     assert isinstance(open_engine(path), TrtEngine)
@@ -274,7 +274,7 @@ def test_requested_provider_that_is_not_available_is_reported(toy_model):
 
 
 def test_explicit_provider_and_thread_count_are_used(toy_model, feed):
-    with open_engine(toy_model, providers=["CPUExecutionProvider"], intra_op_threads=1) as engine:
+    with open_engine(toy_model, providers=["CPUExecutionProvider"], threads=1) as engine:
         assert engine.providers == ["CPUExecutionProvider"]
         np.testing.assert_array_equal(engine.infer(feed)["embedding"], expected_outputs(feed)["embedding"])
 
@@ -284,8 +284,8 @@ def test_runtime_modules_import_without_torch_or_backends():
     script = textwrap.dedent("""
         import sys
         sys.modules["torch"] = None          # any import of torch now fails
-        import keyreid.runtime.engines, keyreid.runtime.runner
-        import keyreid.runtime.engine_ort, keyreid.runtime.engine_trt
+        import keyreid.runtime.backends.base, keyreid.runtime.serving.runner
+        import keyreid.runtime.backends.onnxruntime, keyreid.runtime.backends.tensorrt
         heavy = [name for name in ("onnxruntime", "tensorrt", "cuda", "onnx") if name in sys.modules]
         assert not heavy, heavy
         print("ok")
@@ -332,7 +332,7 @@ def fake_cudart(monkeypatch):
 
 
 def test_cuda_call_unpacks_values_and_raises_with_the_error_name(fake_cudart):
-    from keyreid.runtime.engine_trt import cuda_call
+    from keyreid.runtime.backends.tensorrt import cuda_call
     assert cuda_call((0, 123)) == 123
     assert cuda_call((0, 1, 2)) == (1, 2)
     assert cuda_call((0,)) is None
@@ -341,7 +341,7 @@ def test_cuda_call_unpacks_values_and_raises_with_the_error_name(fake_cudart):
 
 
 def test_device_buffer_grows_only_when_needed_and_frees_once(fake_cudart):
-    from keyreid.runtime.engine_trt import DeviceBuffer
+    from keyreid.runtime.backends.tensorrt import DeviceBuffer
     buffer = DeviceBuffer()
     first = buffer.reserve(1000)
     assert buffer.reserve(500) == first          # smaller request: same memory
@@ -353,7 +353,7 @@ def test_device_buffer_grows_only_when_needed_and_frees_once(fake_cudart):
 
 
 def test_device_buffer_reports_allocation_failure(fake_cudart):
-    from keyreid.runtime.engine_trt import DeviceBuffer
+    from keyreid.runtime.backends.tensorrt import DeviceBuffer
     fake_cudart.fail_next_malloc = True
     with pytest.raises(KeyreidError, match="cudaErrorMemoryAllocation"):
         DeviceBuffer().reserve(1 << 40)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engine_ort import OrtEngine
-from keyreid.runtime.runner import Cancelled, QueueFull, Runner, tracklet_feature
+from keyreid.runtime.backends.onnxruntime import OrtEngine
+from keyreid.runtime.serving.runner import Cancelled, QueueFull, Runner, tracklet_feature
 
 from toy_engine_model import batch_feed, build_toy_model, random_clip
 
@@ -531,10 +531,10 @@ def test_leaving_the_block_on_an_exception_cancels_what_is_queued(toy_model, cli
 
 
 def test_run_tracklets_fails_what_waits_on_a_hung_engine_instead_of_waiting_forever(toy_model, tmp_path):
-    from keyreid.runtime.pipeline import run_tracklets
-    from keyreid.runtime.poses import PoseTally
-    from keyreid.runtime.pipeline import clip_loader
-    from keyreid.runtime.tracklets import discover_tracklets
+    from keyreid.runtime.serving.pipeline import run_tracklets
+    from keyreid.runtime.inputs.poses import PoseTally
+    from keyreid.runtime.serving.pipeline import clip_loader
+    from keyreid.runtime.inputs.tracklets import discover_tracklets
     import cv2
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -551,9 +551,9 @@ def test_run_tracklets_fails_what_waits_on_a_hung_engine_instead_of_waiting_fore
 
 
 def test_after_a_hung_engine_fills_the_queue_later_tracklets_fail_without_waiting_each(toy_model, tmp_path):
-    from keyreid.runtime.pipeline import clip_loader, run_tracklets
-    from keyreid.runtime.poses import PoseTally
-    from keyreid.runtime.tracklets import discover_tracklets
+    from keyreid.runtime.serving.pipeline import clip_loader, run_tracklets
+    from keyreid.runtime.inputs.poses import PoseTally
+    from keyreid.runtime.inputs.tracklets import discover_tracklets
     import cv2
     names = [f"t{index}" for index in range(6)]
     for name in names:

@@ -14,7 +14,7 @@ from keyreid.cli import run_main
 from keyreid.contract import INPUTS
 from keyreid.errors import KeyreidError
 from keyreid.runtime import compare
-from keyreid.runtime.engine_trt import free_all, pad_feed, split_batch
+from keyreid.runtime.backends.tensorrt import free_all, pad_feed, split_batch
 from keyreid.plan_sidecar import (DeviceFacts, PlanSidecar, check_built_from, check_device, file_sha256,
                                           read_sidecar, sidecar_path, write_sidecar)
 from keyreid.synthetic import realistic_keypoints, synthetic_frames

@@ -24,8 +24,8 @@ from keyreid.errors import KeyreidError
 from keyreid.export import to_triton
 from keyreid.export.triton_repository import parse_config, validate_config
 from keyreid.runtime import compare, infer
-from keyreid.runtime.engine_triton import TritonLocation
-from keyreid.runtime.engines import open_engine
+from keyreid.runtime.backends.triton import TritonLocation
+from keyreid.runtime.backends import open_engine
 from keyreid.synthetic import realistic_keypoints, synthetic_feed, synthetic_frames
 from keyreid.triton import parameters_from_config
 
@@ -302,7 +302,7 @@ def test_triton_engine_and_server_modules_import_without_torch():
     script = textwrap.dedent("""
         import sys
         sys.modules["torch"] = None          # any import of torch now fails
-        import keyreid.runtime.engine_triton, keyreid.runtime.serve_triton, pytriton.triton
+        import keyreid.runtime.backends.triton, keyreid.runtime.serve_triton, pytriton.triton
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

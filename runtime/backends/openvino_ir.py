@@ -4,7 +4,7 @@ metadata the IR carries.
 An ONNX file keeps keyreid's metadata in ``metadata_props``; an IR keeps the same keys, as
 strings, in the model's ``rt_info`` under one section, ``keyreid``, which ``ov.save_model``
 writes into the .xml and ``Core.read_model`` reads back. The exporter (export/to_openvino.py)
-writes them, the engine (runtime/engine_openvino.py) reads them: this module is the one place
+writes them, the engine (runtime/backends/openvino.py) reads them: this module is the one place
 that knows the section's name. It imports neither torch nor NNCF.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, Mapping
 
 from keyreid.errors import KeyreidError
-from keyreid.model_kinds import OPENVINO_WEIGHTS_SUFFIX
+from keyreid.runtime.backends.formats import OPENVINO_WEIGHTS_SUFFIX
 
 RT_INFO_SECTION = "keyreid"
 

@@ -1,47 +1,30 @@
-"""The table of engine backends: which model kind each runs, its engine class, the CLI flags it takes.
+"""The registry of engine backends: every backend module's declaration, in one table.
 
-Adding a backend is one row in ``BACKENDS`` (plus its engine module); ``open_engine``, the CLIs'
-``--backend`` choices and their check of which flags apply all read this table. Engine modules
-are imported only when their backend is chosen, so the optional libraries stay optional.
+Adding a backend is one module (an ``Engine`` subclass and its ``BACKEND`` declaration, see
+``declaration.py``) and one line in ``BACKEND_MODULES``. ``open_engine``, the command-line tools'
+``--backend`` choices, flags and their check (runtime/cli_args.py), ``compare.py``, the Triton
+repository writer and the benchmarks all read this table. Backend modules import their optional
+libraries (onnxruntime, openvino, tensorrt, tritonclient) only when an engine activates, so
+reading the table needs none of them.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Dict, Iterable, Mapping, Optional, Tuple, Type
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple
 
 from keyreid.errors import KeyreidError
-from keyreid.model_kinds import KIND_NAMES, ModelKind
+from keyreid.runtime.backends.base import Engine, check_model_file
+from keyreid.runtime.backends.declaration import Backend
+from keyreid.runtime.backends.formats import KIND_NAMES, ModelKind, known_model_kind
+
+# Table order matters: ``auto`` takes the first backend that runs a model (see auto_backend).
+BACKEND_MODULES = ("onnxruntime", "openvino", "tensorrt", "triton")
 
 AUTO = "auto"
 
-
-@dataclass(frozen=True)
-class Backend:
-    name: str                        # what --backend and open_engine(backend=...) call it
-    kinds: Tuple[ModelKind, ...]     # the models it runs
-    engine_class: str                # "module:Class", imported when chosen
-    cli_flags: Mapping[str, str]     # command-line flag -> keyword argument of the engine class
-    summary: str                     # one phrase for --help
-
-    def load_class(self) -> Type:
-        module_name, class_name = self.engine_class.split(":")
-        return getattr(importlib.import_module(module_name), class_name)
-
-
-BACKENDS: Tuple[Backend, ...] = (
-    Backend("onnxruntime", ("onnx",), "keyreid.runtime.engine_ort:OrtEngine",
-            {"--providers": "providers", "--threads": "intra_op_threads", "--clips-per-run": "clips_per_run"},
-            "ONNX Runtime, any .onnx file (fp32, fp16, int8); CPU or GPU providers"),
-    Backend("openvino", ("onnx", "openvino"), "keyreid.runtime.engine_openvino:OpenVinoEngine",
-            {"--threads": "threads", "--clips-per-run": "clips_per_run",
-             "--inference-precision": "inference_precision"},
-            "OpenVINO on the CPU, fp32 and fp16 .onnx files and int8 .xml IR (to_openvino.py)"),
-    Backend("tensorrt", ("tensorrt",), "keyreid.runtime.engine_trt:TrtEngine",
-            {"--plugin": "plugin_libraries"}, "TensorRT .plan/.engine/.trt files on an NVIDIA GPU"),
-    Backend("triton", ("triton",), "keyreid.runtime.engine_triton:TritonEngine",
-            {"--timeout": "timeout_s"}, "a Triton Inference Server at grpc:// or http(s)://"),
-)
+BACKENDS: Tuple[Backend, ...] = tuple(
+    importlib.import_module(f"{__package__}.{module}").BACKEND for module in BACKEND_MODULES)
 _BY_NAME: Dict[str, Backend] = {backend.name: backend for backend in BACKENDS}
 
 
@@ -51,7 +34,7 @@ def backend_names() -> Tuple[str, ...]:
 
 
 # Options only some backends take (the keyword arguments behind their CLI flags).
-_SPECIFIC_OPTIONS = frozenset(keyword for backend in BACKENDS for keyword in backend.cli_flags.values())
+_SPECIFIC_OPTIONS = frozenset(keyword for backend in BACKENDS for keyword in backend.keywords)
 
 
 def auto_backend(kind: ModelKind, options: Iterable[str] = ()) -> Backend:
@@ -69,7 +52,7 @@ def auto_backend(kind: ModelKind, options: Iterable[str] = ()) -> Backend:
     specific = set(options) & _SPECIFIC_OPTIONS
     runs_it = [backend for backend in BACKENDS if kind in backend.kinds]
     # none takes them all: the first, whose refusal of the others then names the flag (cli_args)
-    return next((backend for backend in runs_it if specific <= set(backend.cli_flags.values())), runs_it[0])
+    return next((backend for backend in runs_it if specific <= set(backend.keywords)), runs_it[0])
 
 
 def choose_backend(kind: ModelKind, requested: Optional[str] = AUTO, location: object = "",
@@ -86,3 +69,17 @@ def choose_backend(kind: ModelKind, requested: Optional[str] = AUTO, location: o
         raise KeyreidError(f"{location or 'this model'} is {KIND_NAMES[kind]}, which the {backend.name} backend "
                            f"does not run (choose {' or '.join(fits + [AUTO])})")
     return backend
+
+
+def open_engine(path: "str | Path", backend: str = AUTO, **options) -> Engine:
+    """Return an (inactive) engine for ``path``: the model format comes from the file suffix or the
+    URL scheme (``formats.py``), the backend from ``backend``: a name from ``backend_names()``, or
+    ``"auto"``, which picks by the format and the options given (``auto_backend``:
+    ``inference_precision`` means OpenVINO). ``options`` go to that backend's engine class.
+    Activate it with a with-block, ``activate()`` or by handing it to a Runner.
+    """
+    kind = known_model_kind(path)
+    chosen = choose_backend(kind, backend, path, options)
+    if kind != "triton":
+        path = check_model_file(Path(path))
+    return chosen.engine_class(path, **options)

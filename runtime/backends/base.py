@@ -19,8 +19,6 @@ import numpy as np
 
 from keyreid.contract import INPUTS, NUM_PARTS, CLIP_FRAMES, TensorSpec, camera_problem, output_specs
 from keyreid.errors import KeyreidError
-from keyreid.model_kinds import known_model_kind
-from keyreid.runtime.backends import choose_backend
 
 # Embedding length is D * (1 + NUM_PARTS * CLIP_FRAMES) for model width D (docs/contract.md §2).
 _EMBEDDING_UNITS = 1 + NUM_PARTS * CLIP_FRAMES
@@ -215,7 +213,7 @@ class Engine:
         self._num_cameras_override = num_cameras
         self._info: Optional[EngineInfo] = None
 
-    backend = ""     # the backend's name in keyreid.runtime.backends.BACKENDS; set by each subclass
+    backend = ""     # the backend's name (backends/registry.py); set by each subclass
 
     # --- hooks for backends -------------------------------------------------------------
     def activate_impl(self) -> EngineInfo:
@@ -324,23 +322,3 @@ def run_in_pieces(run: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]],
     pieces = [run({name: value[start:start + step] for name, value in feed.items()})
               for start in range(0, batch, step)]
     return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
-
-
-def open_engine(path: "str | Path", backend: str = "auto", **options) -> Engine:
-    """Return an (inactive) engine for ``path``: the model kind comes from the file suffix or the
-    URL scheme, the backend from ``backend`` (see ``keyreid.runtime.backends.BACKENDS``).
-
-    ``.onnx`` runs on ONNX Runtime (:class:`~keyreid.runtime.engine_ort.OrtEngine`), or on
-    OpenVINO with ``backend="openvino"`` (:class:`~keyreid.runtime.engine_openvino.OpenVinoEngine`);
-    ``.plan``, ``.engine`` and ``.trt`` are TensorRT engines (:class:`~keyreid.runtime.engine_trt.TrtEngine`);
-    ``grpc://HOST:PORT/MODEL`` and ``http(s)://...`` are models on a Triton Inference Server
-    (:class:`~keyreid.runtime.engine_triton.TritonEngine`). ``backend="auto"`` picks by the
-    kind and the options given (``backends.auto_backend``: ``inference_precision`` means
-    OpenVINO). ``options`` go to that class.
-    Activate it with a with-block, ``activate()`` or by handing it to a Runner.
-    """
-    kind = known_model_kind(path)
-    chosen = choose_backend(kind, backend, path, options)
-    if kind != "triton":
-        path = check_model_file(Path(path))
-    return chosen.load_class()(path, **options)

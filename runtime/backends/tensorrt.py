@@ -25,7 +25,8 @@ import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, check_model_file
+from keyreid.runtime.backends.declaration import Backend, EngineOption
+from keyreid.runtime.backends.base import Engine, EngineInfo, FoundTensor, check_io, check_model_file
 from keyreid.plan_sidecar import DeviceFacts, check_device, read_sidecar
 
 _log = logging.getLogger(__name__)
@@ -334,3 +335,13 @@ class TrtEngine(Engine):
                 stream.synchronize()
         finally:
             free_all([buffer.free for buffer in buffers] + ([stream.destroy] if stream is not None else []))
+
+
+PLUGIN = EngineOption(
+    "--plugin", "plugin_libraries", "TensorRT plugin library to load before the engine (repeatable); "
+    "plans built with the default AOT plugin need none", type=Path, metavar="LIB", repeatable=True)
+
+BACKEND = Backend(
+    name="tensorrt", kinds=("tensorrt",), engine_class=TrtEngine, options=(PLUGIN,),
+    summary="TensorRT .plan/.engine/.trt files on an NVIDIA GPU",
+    device="the NVIDIA GPU the plan was built for", needs_gpu=True)

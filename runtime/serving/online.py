@@ -36,12 +36,12 @@ import numpy as np
 from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MAX_CLIPS_PER_TRACKLET, NUM_KEYPOINTS
 from keyreid.errors import KeyreidError
 from keyreid.contract import checked_camera
-from keyreid.runtime.engines import Engine
-from keyreid.runtime.images import resize_like_pil
-from keyreid.runtime.pipeline import describe_failure
-from keyreid.runtime.poses import no_joints
-from keyreid.runtime.runner import Runner, tracklet_feature
-from keyreid.runtime.tracklets import split_into_clips
+from keyreid.runtime.backends.base import Engine
+from keyreid.runtime.inputs.images import resize_like_pil
+from keyreid.runtime.serving.pipeline import describe_failure
+from keyreid.runtime.inputs.poses import no_joints
+from keyreid.runtime.serving.runner import Runner, tracklet_feature
+from keyreid.runtime.inputs.tracklets import split_into_clips
 
 _log = logging.getLogger(__name__)
 

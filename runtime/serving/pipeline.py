@@ -20,10 +20,10 @@ import numpy as np
 
 from keyreid.contract import camera_problem
 from keyreid.errors import KeyreidError
-from keyreid.runtime.images import DEFAULT_MAX_FRAME_SIDE, load_frame
-from keyreid.runtime.poses import PoseTally, load_pose
-from keyreid.runtime.runner import Preprocess, QueueFull, Runner
-from keyreid.runtime.tracklets import Tracklet, TrackletFailure, num_clips, split_into_clips
+from keyreid.runtime.inputs.images import DEFAULT_MAX_FRAME_SIDE, load_frame
+from keyreid.runtime.inputs.poses import PoseTally, load_pose
+from keyreid.runtime.serving.runner import Preprocess, QueueFull, Runner
+from keyreid.runtime.inputs.tracklets import Tracklet, TrackletFailure, num_clips, split_into_clips
 
 
 # run_tracklets fails what still waits when no tracklet finished for this long (a hung engine).

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from keyreid.errors import KeyreidError
-from keyreid.runtime.tracklets import POSE_SUFFIX, Tracklet, TrackletFailure, parse_mars_name
+from keyreid.runtime.inputs.tracklets import POSE_SUFFIX, Tracklet, TrackletFailure, parse_mars_name
 
 PathLike = Union[str, Path]
 

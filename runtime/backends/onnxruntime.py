@@ -5,8 +5,9 @@ ONNX Runtime needs no extra library for it.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -14,7 +15,8 @@ from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError, warn_once
 from keyreid.int8_targets import file_recipe, int8_cpu_mismatch, needs_exact_u8u8_path
 from keyreid.lazy import require
-from keyreid.runtime.engines import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
+from keyreid.runtime.backends.declaration import CLIPS_PER_RUN, THREADS, Backend, EngineOption
+from keyreid.runtime.backends.base import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
                                      run_in_pieces)
 
 # Most preferred first; only the ones onnxruntime reports as available are used.
@@ -22,6 +24,22 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 
 # ONNX Runtime's session option for its exact u8 x u8 int8 path (keyreid/int8_targets.py says why).
 EXACT_INT8_OPTION = "session.x64quantprecision"
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+def parse_providers(text: str) -> List[str]:
+    """``"cuda,cpu"`` -> ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; full names pass."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one execution provider")
+    return [PROVIDER_ALIASES.get(name.lower(), name) for name in names]
+
+
 
 # ONNX Runtime type strings -> NumPy dtypes (only the ones a KeyRe-ID model could plausibly hold).
 _ORT_DTYPES = {
@@ -69,7 +87,7 @@ class OrtEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(self, path: "str | Path", *, providers: Optional[Sequence[Provider]] = None,
-                 intra_op_threads: Optional[int] = None, inter_op_threads: Optional[int] = None,
+                 threads: Optional[int] = None, inter_op_threads: Optional[int] = None,
                  max_batch: Optional[int] = None, num_cameras: Optional[int] = None,
                  clips_per_run: Optional[int] = None):
         """
@@ -77,7 +95,7 @@ class OrtEngine(Engine):
             path: the ``.onnx`` file.
             providers: execution providers in order of preference (names or (name, options));
                 default TensorRT, CUDA, CPU, whichever are available.
-            intra_op_threads: threads inside one operator; None lets onnxruntime decide.
+            threads: threads inside one operator; None lets onnxruntime decide.
             inter_op_threads: threads across operators; None lets onnxruntime decide.
             max_batch: most clips per call; None for no limit (the model's batch is dynamic).
             num_cameras: overrides the model's ``num_cameras`` metadata.
@@ -93,7 +111,7 @@ class OrtEngine(Engine):
         self._requested_clips_per_run = clips_per_run
         self._clips_per_run: Optional[int] = None      # None: whole batches
         self._requested_providers = None if providers is None else list(providers)
-        self._intra_op_threads = intra_op_threads
+        self._threads = threads
         self._inter_op_threads = inter_op_threads
         self._max_batch = max_batch
         self._session = None
@@ -117,8 +135,8 @@ class OrtEngine(Engine):
         check_model_file(self.path)
         options = ort.SessionOptions()
         options.log_severity_level = 3          # errors only; we report problems ourselves
-        if self._intra_op_threads is not None:
-            options.intra_op_num_threads = self._intra_op_threads
+        if self._threads is not None:
+            options.intra_op_num_threads = self._threads
         if self._inter_op_threads is not None:
             options.inter_op_num_threads = self._inter_op_threads
         providers = choose_providers(ort.get_available_providers(), self._requested_providers)
@@ -161,3 +179,14 @@ class OrtEngine(Engine):
     def deactivate_impl(self) -> None:
         self._session = None
         self._output_names = []
+
+
+PROVIDERS = EngineOption(
+    "--providers", "providers", "ONNX Runtime execution providers, most preferred first, comma-separated "
+    "(full names or cpu, cuda, tensorrt; default: TensorRT, CUDA, CPU, whichever this onnxruntime "
+    "build has)", type=parse_providers, metavar="LIST")
+
+BACKEND = Backend(
+    name="onnxruntime", kinds=("onnx",), engine_class=OrtEngine, options=(PROVIDERS, THREADS, CLIPS_PER_RUN),
+    summary="ONNX Runtime, any .onnx file (fp32, fp16, int8); CPU or GPU providers",
+    device="the CPU, or an NVIDIA GPU through the CUDA and TensorRT providers")

@@ -27,13 +27,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from keyreid.contract import INPUT_NAMES, checked_camera, stack_clips
 from keyreid.errors import KeyreidError
-from keyreid.runtime.engines import Engine
+from keyreid.runtime.backends.base import Engine
 
 # Clips per batch when the engine itself sets no limit (ONNX Runtime).
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -42,6 +43,28 @@ CANCEL_JOIN_TIMEOUT_S = 60.0
 
 Clip = Mapping[str, Any]
 Preprocess = Callable[[Clip], Clip]
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a Runner batches and bounds its queue: the one place for these defaults. The library
+    (``Runner(engine, ...)``) and the command-line tools (``--max-batch``, ``--queue-delay-ms``,
+    ``--queue-size``, ``--workers``) both start from them."""
+    max_batch_size: Optional[int] = None   # None: the engine's maximum, else DEFAULT_MAX_BATCH_SIZE
+    max_queue_delay_ms: float = 5.0         # longest a clip waits for a fuller batch
+    # Requests (clips or tracklets) admitted and not yet handed to the engine: as many as one
+    # full batch of single clips, so clip-by-clip callers still fill batches, while tracklet
+    # callers hold at most this many tracklets' decoded frames.
+    max_queue_size: int = DEFAULT_MAX_BATCH_SIZE
+    block_when_full: bool = True            # a full queue makes submit_* wait (else QueueFull)
+    block_timeout_s: Optional[float] = None  # longest that wait (None: as long as it takes)
+    preprocess_workers: int = 4             # threads running ``preprocess`` (decoding frames)
+
+    def as_kwargs(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+_DEFAULTS = RunnerOptions()
 
 
 class QueueFull(KeyreidError):
@@ -92,11 +115,16 @@ class _ClipItem:
 class Runner:
     """Serve one engine to many threads with dynamic batching. Use as a context manager."""
 
-    def __init__(self, engine: Engine, *, max_batch_size: Optional[int] = None,
-                 max_queue_delay_ms: float = 2.0, max_queue_size: int = 64,
-                 block_when_full: bool = True, block_timeout_s: Optional[float] = None,
-                 preprocess: Optional[Preprocess] = None, preprocess_workers: int = 4):
-        """
+    def __init__(self, engine: Engine, *, max_batch_size: Optional[int] = _DEFAULTS.max_batch_size,
+                 max_queue_delay_ms: float = _DEFAULTS.max_queue_delay_ms,
+                 max_queue_size: int = _DEFAULTS.max_queue_size,
+                 block_when_full: bool = _DEFAULTS.block_when_full,
+                 block_timeout_s: Optional[float] = _DEFAULTS.block_timeout_s,
+                 preprocess: Optional[Preprocess] = None,
+                 preprocess_workers: int = _DEFAULTS.preprocess_workers):
+        """The defaults are ``RunnerOptions()``'s; ``Runner(engine, **options.as_kwargs())``
+        takes a whole options object.
+
         Args:
             engine: the engine to serve; activated here if it is not active yet (and then
                 deactivated by ``close``).

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from keyreid.contract import CLIP_FRAMES, MAX_CLIPS_PER_TRACKLET, MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
-from keyreid.runtime.coco_keypoints import COCO_FILE_NAME, read_coco_keypoints
+from keyreid.runtime.inputs.coco_keypoints import COCO_FILE_NAME, read_coco_keypoints
 
 PathLike = Union[str, Path]
 

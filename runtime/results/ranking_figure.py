@@ -12,9 +12,9 @@ import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.images import decode_frame
-from keyreid.runtime.query_gallery import QueryGalleryResult, valid_gallery_order
-from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet
+from keyreid.runtime.inputs.images import decode_frame
+from keyreid.runtime.results.query_gallery import QueryGalleryResult, valid_gallery_order
+from keyreid.runtime.inputs.tracklets import UNKNOWN_PID, Tracklet
 
 THUMB_WIDTH, THUMB_HEIGHT = 64, 128     # half the model's 128x256
 BORDER = 4

@@ -1,7 +1,7 @@
 """OpenVINO backend: an ``.onnx`` file (fp32 or fp16) or an int8 OpenVINO IR (``.xml`` + ``.bin``,
 made by export/to_openvino.py) on OpenVINO's CPU plugin.
 
-An IR is read as OpenVINO wrote it (runtime/openvino_ir.py): its keyreid metadata is in the
+An IR is read as OpenVINO wrote it (runtime/backends/openvino_ir.py): its keyreid metadata is in the
 model's rt_info, its functions were inlined before it was quantised.
 
 Loading. OpenVINO's ONNX frontend does not inline ONNX local functions, and the exported
@@ -46,9 +46,10 @@ from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError, warn_once
 from keyreid.int8_targets import int8_cpu_mismatch
 from keyreid.lazy import require
-from keyreid.model_kinds import model_kind
-from keyreid.runtime import openvino_ir
-from keyreid.runtime.engines import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
+from keyreid.runtime.backends.formats import model_kind
+from keyreid.runtime.backends import openvino_ir
+from keyreid.runtime.backends.declaration import CLIPS_PER_RUN, THREADS, Backend, EngineOption
+from keyreid.runtime.backends.base import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
                                      run_in_pieces)
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "auto")
@@ -256,3 +257,15 @@ class OpenVinoEngine(Engine):
         with self._lock:
             self._requests = []
             self._output_names = []
+
+
+INFERENCE_PRECISION = EngineOption(
+    "--inference-precision", "inference_precision", "OpenVINO's compute precision, always pinned: f32 "
+    "(default, exact), bf16 (CPUs with AMX or AVX-512 BF16; close to f32, not equal), auto (bf16 on AMX "
+    "CPUs, else f32); with --backend auto it selects OpenVINO", choices=INFERENCE_PRECISIONS, metavar="P")
+
+BACKEND = Backend(
+    name="openvino", kinds=("onnx", "openvino"), engine_class=OpenVinoEngine,
+    options=(THREADS, CLIPS_PER_RUN, INFERENCE_PRECISION),
+    summary="OpenVINO on the CPU, fp32 and fp16 .onnx files and int8 .xml IR (to_openvino.py)",
+    device="the CPU")

@@ -23,7 +23,9 @@ import numpy as np
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.contract import INPUTS
-from keyreid.runtime.engines import Engine, EngineInfo, FoundTensor, check_io, metadata_num_cameras
+from keyreid.cli import positive_float
+from keyreid.runtime.backends.declaration import Backend, EngineOption
+from keyreid.runtime.backends.base import Engine, EngineInfo, FoundTensor, check_io, metadata_num_cameras
 from keyreid.triton import (DEFAULT_PORTS, NUMPY_DATATYPES, TRITON_DATATYPES, URL_SCHEMES,
                             parameters_from_config, wire_dims)
 
@@ -243,3 +245,12 @@ class TritonEngine(Engine):
         self._local = threading.local()
         self._output_names = []
 
+
+TIMEOUT = EngineOption(
+    "--timeout", "timeout_s", "longest wait for one request to the server, in seconds (default: 60); "
+    "requests the server cannot take are retried 3 times", type=positive_float, metavar="S")
+
+BACKEND = Backend(
+    name="triton", kinds=("triton",), engine_class=TritonEngine, options=(TIMEOUT,),
+    summary="a Triton Inference Server at grpc:// or http(s)://",
+    device="wherever the server runs (this process only sends requests)")

@@ -10,8 +10,8 @@ from typing import List, Sequence
 import numpy as np
 
 from keyreid.errors import KeyreidError
-from keyreid.runtime.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
-from keyreid.runtime.tracklets import UNKNOWN_PID, Tracklet
+from keyreid.runtime.results.evaluation import RankingResult, evaluate_rankings, squared_euclidean_distances
+from keyreid.runtime.inputs.tracklets import UNKNOWN_PID, Tracklet
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from keyreid.contract import NUM_KEYPOINTS
-from keyreid.runtime.coco_keypoints import FrameDetections
+from keyreid.runtime.inputs.coco_keypoints import FrameDetections
 
 PathLike = Union[str, Path]
 # Where a frame's keypoints come from: a .pose file, or its detections in a COCO results file.
