@@ -11,9 +11,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from keyreid import __version__
-from keyreid.contract import (CLIP_FRAMES, DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, INPUT_NAMES, NUM_KEYPOINTS,
-                              ONNX_OPSET, OUTPUT_NAMES, PRECISIONS, HeatmapMode, Precision)
+from keyreid.contract import (CLIP_FRAMES, DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, IMAGE_HEIGHT,
+                              IMAGE_WIDTH, INPUT_NAMES, NUM_KEYPOINTS, ONNX_OPSET, OUTPUT_NAMES, PRECISIONS,
+                              HeatmapMode, Precision)
 from keyreid.errors import KeyreidError
+from keyreid.model_metadata import ModelMetadata
 from keyreid.files import check_writable, write_bytes
 from keyreid.lazy import require
 
@@ -70,17 +72,17 @@ def stamp_metadata(model, checkpoint, heatmap_mode: str, precision: str, opset: 
     from keyreid.int8_targets import recipe_metadata
 
     config = checkpoint.config
-    entries = {
-        "keyreid_version": __version__, "heatmap_mode": heatmap_mode, "precision": precision,
-        "opset": str(opset), "num_cameras": str(config.num_cameras),
-        "embed_dim": str(config.embed_dim), "embedding_dim": str(config.embedding_dim),
-        "clip_frames": str(CLIP_FRAMES), "num_keypoints": str(NUM_KEYPOINTS),
-        "checkpoint_sha256": checkpoint.sha256, "checkpoint_name": checkpoint.path.name,
-    }
+    metadata = ModelMetadata(
+        heatmap_mode=HeatmapMode(heatmap_mode), precision=precision, num_cameras=config.num_cameras,
+        embed_dim=config.embed_dim, embedding_dim=config.embedding_dim, clip_frames=CLIP_FRAMES,
+        num_keypoints=NUM_KEYPOINTS, image_height=IMAGE_HEIGHT, image_width=IMAGE_WIDTH,
+        keyreid_version=__version__, opset=opset, checkpoint_sha256=checkpoint.sha256,
+        checkpoint_name=checkpoint.path.name)
     if precision == "int8":
         if int8_target is None:
             raise KeyreidError("an int8 model's metadata needs the target CPU its weights were made for")
-        entries.update(recipe_metadata(int8_target))
+        metadata = metadata.replace(**recipe_metadata(int8_target))
+    entries = metadata.to_strings()
     del model.metadata_props[:]
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)

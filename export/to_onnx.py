@@ -17,7 +17,8 @@ from keyreid.contract import DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, HEATMAP_MO
 from keyreid.errors import KeyreidError
 from keyreid.files import atomic_output, check_distinct_outputs, check_writable
 from keyreid.cpu_features import cpu_isa
-from keyreid.int8_targets import TARGET_CPUS, TARGET_KEY
+from keyreid.int8_targets import TARGET_CPUS
+from keyreid.model_metadata import read_metadata
 from keyreid.tolerances import TOLERANCES
 
 # Without VNNI, int8 GEMMs are only ~1.4x fp32's (measured: 54 GOP/s against 38 GFLOP/s), and
@@ -132,11 +133,11 @@ def main(argv=None) -> int:
                                    f"nothing was written. Re-run with --no-verify to keep it anyway")
     steps.done()
     size = output.stat().st_size / 2 ** 20
-    metadata = {entry.key: entry.value for entry in model.metadata_props}
-    made_for = f" for {metadata[TARGET_KEY]} CPUs" if TARGET_KEY in metadata else ""
+    metadata = read_metadata({entry.key: entry.value for entry in model.metadata_props}, output)
+    made_for = f" for {metadata.int8_target_cpu} CPUs" if metadata.int8_target_cpu else ""
     print(f"wrote {output} ({size:.1f} MiB, {args.precision}{made_for}, heatmap mode {args.heatmap_mode}, "
           f"opset {opset})")
-    if metadata.get(TARGET_KEY) == "avx2" and not cpu_isa().vnni:
+    if metadata.int8_target_cpu == "avx2" and not cpu_isa().vnni:
         print(AVX2_SPEED_NOTE)
     return 0
 

@@ -11,11 +11,12 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from keyreid.cli import Steps, positive_int, run_main
 from keyreid.errors import KeyreidError
 from keyreid.int8_targets import recipe_metadata
+from keyreid.model_metadata import ModelMetadata, read_metadata
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.files import atomic_output_with_companions, check_distinct_outputs, check_writable
 from keyreid.runtime.backends.formats import OPENVINO_SUFFIXES, OPENVINO_WEIGHTS_SUFFIX, model_kind
@@ -36,7 +37,7 @@ exit status: 0 written and verified; 1 bad input or failed verification (nothing
 
 # NNCF's codes are full 8-bit: exact where int8 sums are 32-bit (VNNI, AMX), like the ONNX
 # Runtime vnni recipe (keyreid/int8_targets.py); the engine says so on a CPU without VNNI.
-INT8_METADATA = {"precision": "int8", "int8_tool": "nncf", **recipe_metadata("vnni")}
+INT8_METADATA = {"precision": "int8", "int8_tool": "nncf", **recipe_metadata("vnni")}   # ModelMetadata fields
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class OpenVinoInt8Export:
     """What ``export_openvino_int8`` wrote and how it checked it."""
     xml_path: Path
     weights_path: Path
-    metadata: dict
+    metadata: ModelMetadata
     report: Optional[object]      # keyreid.comparator.ComparisonReport; None with verify=False
 
 
@@ -66,12 +67,13 @@ def _check_paths(onnx_path: Path, output: Path) -> Path:
     return weights
 
 
-def _fp32_metadata(onnx_path: Path, metadata: dict) -> dict:
-    precision = metadata.get("precision")
-    if precision != "fp32":
-        raise KeyreidError(f"{onnx_path}: its metadata says precision {precision or 'nothing'}; int8 for "
+def _int8_metadata(onnx_path: Path, entries: Mapping[str, str]) -> ModelMetadata:
+    """The IR's metadata: the fp32 file's, marked int8 by NNCF."""
+    metadata = read_metadata(entries, onnx_path)
+    if metadata.precision != "fp32":
+        raise KeyreidError(f"{onnx_path}: its metadata says precision {metadata.precision}; int8 for "
                            "OpenVINO is made from the fp32 file to_onnx.py writes")
-    return {**metadata, **INT8_METADATA}
+    return metadata.replace(**INT8_METADATA)
 
 
 def export_openvino_int8(onnx_path, output=None, *, calibration_clips: int = 16, tracklets=None,
@@ -93,7 +95,6 @@ def export_openvino_int8(onnx_path, output=None, *, calibration_clips: int = 16,
     from keyreid.lazy import require
     from keyreid.runtime.backends import openvino_ir
     from keyreid.runtime.backends.openvino import read_openvino_model
-    from keyreid.runtime.backends.base import metadata_num_cameras
 
     for name, value in (("calibration_clips", calibration_clips), ("verify_clips", verify_clips)):
         if value < 1:
@@ -106,8 +107,8 @@ def export_openvino_int8(onnx_path, output=None, *, calibration_clips: int = 16,
 
     step(f"reading {onnx_path} into OpenVINO (ONNX functions inlined)")
     model, onnx_metadata = read_openvino_model(ov.Core(), onnx_path)
-    metadata = _fp32_metadata(onnx_path, onnx_metadata)
-    num_cameras = metadata_num_cameras(metadata, onnx_path)
+    metadata = _int8_metadata(onnx_path, onnx_metadata)
+    num_cameras = metadata.num_cameras
     source = f"tracklets in {tracklets}" if tracklets is not None else "synthetic clips"
     step(f"preparing {calibration_clips} calibration clips ({source})")
     clips = (tracklet_calibration_clips(Path(tracklets), calibration_clips, num_cameras) if tracklets is not None
@@ -115,8 +116,8 @@ def export_openvino_int8(onnx_path, output=None, *, calibration_clips: int = 16,
     step(f"quantising with NNCF (recipe {DEFAULT_RECIPE}, {len(clips)} clips)")
     int8 = quantise(model, clips, RECIPES[DEFAULT_RECIPE])
     del model
-    metadata.update({"int8_recipe": DEFAULT_RECIPE, "int8_calibration": f"{len(clips)} {source}"})
-    openvino_ir.write_metadata(int8, metadata)
+    metadata = metadata.replace(int8_recipe=DEFAULT_RECIPE, int8_calibration=f"{len(clips)} {source}")
+    openvino_ir.write_metadata(int8, metadata.to_strings())
     report = None
     with atomic_output_with_companions(output, [OPENVINO_WEIGHTS_SUFFIX]) as staged:
         step(f"writing the IR {output.name} + {weights.name}")
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
         print(result.report.table())
     size = (result.xml_path.stat().st_size + result.weights_path.stat().st_size) / 2 ** 20
     print(f"wrote {result.xml_path} and {result.weights_path.name} ({size:.1f} MiB, int8 by NNCF, "
-          f"recipe {result.metadata['int8_recipe']})")
+          f"recipe {result.metadata.int8_recipe})")
     return 0
 
 

@@ -63,7 +63,7 @@ def describe_onnx(path: Path) -> ModelDescription:
     from keyreid.runtime.backends.onnxruntime import OrtEngine
 
     with OrtEngine(path, providers=["CPUExecutionProvider"]) as engine:
-        return ModelDescription(path, "onnx", engine.output_specs, engine.metadata)
+        return ModelDescription(path, "onnx", engine.output_specs, engine.metadata.to_strings())
 
 
 def describe_plan(path: Path) -> ModelDescription:
@@ -72,11 +72,10 @@ def describe_plan(path: Path) -> ModelDescription:
     if sidecar.build["min_batch"] > 1:      # Triton sends any batch from 1 up and does not pad
         raise KeyreidError(f"{path}: built with --min-batch {sidecar.build['min_batch']}, but Triton sends "
                            "batches from 1 clip up; rebuild the plan with --min-batch 1 to serve it")
-    if sidecar.embed_dim is None:
-        raise KeyreidError(f"{path}: the sidecar's onnx_metadata has no embed_dim (model width)")
     capability = ".".join(str(part) for part in sidecar.compute_capability)
-    parameters = dict(sidecar.onnx_metadata, tensorrt_version=sidecar.tensorrt_version, plugin=sidecar.plugin,
-                      device_name=sidecar.device_name, compute_capability=capability)
+    metadata = sidecar.metadata
+    parameters = metadata.replace(tensorrt_version=sidecar.tensorrt_version, plugin=sidecar.plugin,
+                                  device_name=sidecar.device_name, compute_capability=capability).to_strings()
     plugin_note = ("The KeypointPartPool plugin is compiled into the plan (AOT): the server needs no "
                    "plugin library and no LD_PRELOAD." if sidecar.plugin == "aot" else
                    "The plan holds no plugin (KeypointPartPool ran as standard layers): the server "
@@ -85,7 +84,7 @@ def describe_plan(path: Path) -> ModelDescription:
                     f"(compute capability {capability}): serve it from a Triton release that carries "
                     f"TensorRT {sidecar.tensorrt_version} on the same GPU architecture; plans do not "
                     "move across TensorRT versions or architectures.")
-    return ModelDescription(path, "plan", output_specs(sidecar.embed_dim), parameters,
+    return ModelDescription(path, "plan", output_specs(metadata.embed_dim, metadata.clip_frames), parameters,
                             plan_max_batch=sidecar.build["max_batch"],
                             plan_opt_batch=sidecar.build["opt_batch"], notes=[plugin_note, version_note])
 

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from keyreid.contract import HEATMAP_MODES, INPUTS, OP_DOMAIN, OP_NAME
 from keyreid.errors import KeyreidError
+from keyreid.model_metadata import read_metadata
 from keyreid.files import write_bytes
 from keyreid.lazy import require
 from keyreid.runtime.backends.tensorrt import cuda_call, device_facts
@@ -67,14 +68,14 @@ def profile_shapes(options: BuildOptions) -> Dict[str, Tuple[Tuple[int, ...], ..
 
 
 def onnx_metadata(onnx_path: Path) -> Dict[str, str]:
-    """The ONNX file's metadata_props (heatmap_mode, num_cameras, precision, ...)."""
+    """The ONNX file's metadata_props (checked against keyreid/model_metadata.py), for the sidecar."""
     onnx = require("onnx")
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:   # protobuf raises its own DecodeError types
         raise KeyreidError(f"{onnx_path}: cannot be read as an ONNX model: {exc}") from exc
     metadata = {entry.key: entry.value for entry in model.metadata_props}
-    precision = metadata.get("precision")
+    precision = read_metadata(metadata, onnx_path).precision
     if precision not in TENSORRT_PRECISIONS:
         raise KeyreidError(f"{onnx_path}: precision {precision!r} cannot be built by TensorRT; export "
                            f"with to_onnx.py --precision fp32 or fp16 (int8 files are for ONNX Runtime on CPUs)")

@@ -5,6 +5,7 @@ Everything downstream of a checkpoint (export, engines, runtime) reads these nam
 repeating numbers, so the contract lives in one place.
 """
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal, Optional, Tuple, get_args
 
 import numpy as np
@@ -25,9 +26,18 @@ PART_NAMES = ("head", "torso", "left_arm", "right_arm", "left_leg", "right_leg")
 MAX_CLIPS_PER_TRACKLET = 41               # docs/contract.md §4: at most the first 41 clips are used
 MEAN_CAMERA = -1                          # camera index that selects the mean camera embedding
 
-HeatmapMode = Literal["max", "mean", "blank"]       # docs/contract.md §3
-HEATMAP_MODES: Tuple[str, ...] = get_args(HeatmapMode)
-DEFAULT_HEATMAP_MODE: HeatmapMode = "max"
+
+
+class HeatmapMode(str, Enum):
+    """How a part's joint heatmaps combine into its patch weights (docs/contract.md §3). A str
+    enum: ``HeatmapMode.MAX == "max"``, so the kernels take either."""
+    MAX = "max"
+    MEAN = "mean"
+    BLANK = "blank"
+
+
+HEATMAP_MODES: Tuple[str, ...] = tuple(mode.value for mode in HeatmapMode)
+DEFAULT_HEATMAP_MODE = HeatmapMode.MAX.value
 
 Precision = Literal["fp32", "fp16", "int8"]          # of an exported model
 PRECISIONS: Tuple[str, ...] = get_args(Precision)
@@ -42,9 +52,9 @@ OP_NAME = "KeypointPartPool"
 OP_PLUGIN_VERSION = "1"
 
 
-def embedding_dim(embed_dim: int = 768) -> int:
+def embedding_dim(embed_dim: int = 768, clip_frames: int = CLIP_FRAMES) -> int:
     """Length of one clip embedding: the global feature plus six part features of T*D each."""
-    return embed_dim + NUM_PARTS * CLIP_FRAMES * embed_dim
+    return embed_dim + NUM_PARTS * clip_frames * embed_dim
 
 
 def camera_problem(camera: int, num_cameras: Optional[int]) -> Optional[str]:
@@ -87,21 +97,28 @@ class TensorSpec:
     meaning: str
 
 
-INPUTS = (
-    TensorSpec("frames", np.dtype(np.uint8), ("N", CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, 3),
-               "RGB frames already resized to 256x128"),
-    TensorSpec("keypoints", np.dtype(np.float32), ("N", CLIP_FRAMES, NUM_KEYPOINTS, 3),
-               "(x, y, confidence) in original-crop pixels"),
-    TensorSpec("crop_size", np.dtype(np.float32), ("N", CLIP_FRAMES, 2),
-               "original crop (width, height) per frame"),
-    TensorSpec("camera", np.dtype(np.int64), ("N",),
-               "camera index 0..C-1, or -1 for the mean camera embedding"),
-)
-
-
-def output_specs(embed_dim: int = 768) -> Tuple[TensorSpec, ...]:
+def input_specs(clip_frames: int = CLIP_FRAMES, image_height: int = IMAGE_HEIGHT,
+                image_width: int = IMAGE_WIDTH) -> Tuple[TensorSpec, ...]:
+    """The inputs of a model with this clip length and frame size (a file records both, see
+    keyreid/model_metadata.py); the defaults are KeyRe-ID's."""
     return (
-        TensorSpec("embedding", np.dtype(np.float32), ("N", embedding_dim(embed_dim)),
+        TensorSpec("frames", np.dtype(np.uint8), ("N", clip_frames, image_height, image_width, 3),
+                   f"RGB frames already resized to {image_height}x{image_width}"),
+        TensorSpec("keypoints", np.dtype(np.float32), ("N", clip_frames, NUM_KEYPOINTS, 3),
+                   "(x, y, confidence) in original-crop pixels"),
+        TensorSpec("crop_size", np.dtype(np.float32), ("N", clip_frames, 2),
+                   "original crop (width, height) per frame"),
+        TensorSpec("camera", np.dtype(np.int64), ("N",),
+                   "camera index 0..C-1, or -1 for the mean camera embedding"),
+    )
+
+
+INPUTS = input_specs()
+
+
+def output_specs(embed_dim: int = 768, clip_frames: int = CLIP_FRAMES) -> Tuple[TensorSpec, ...]:
+    return (
+        TensorSpec("embedding", np.dtype(np.float32), ("N", embedding_dim(embed_dim, clip_frames)),
                    "concat(global, part 1..6)"),
         TensorSpec("part_weights", np.dtype(np.float32), ("N", NUM_PATCHES, NUM_PARTS),
                    "part weights W, raster patch order"),

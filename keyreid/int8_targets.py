@@ -22,9 +22,10 @@ but exact u8 x u8 kernel. The file stays correct there, only slower, and the use
 their 8-bit weights to the slow kernel for nothing.
 """
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 from keyreid.cpu_features import CpuIsa
+from keyreid.model_metadata import ModelMetadata
 
 INT16_MAX = 32767
 FULL_ACTIVATION_MAX = 255
@@ -73,17 +74,17 @@ def check_target(target: str) -> str:
 
 
 def recipe_metadata(target: str) -> dict:
-    """metadata_props an int8 file made for ``target`` carries."""
+    """The ``ModelMetadata`` fields an int8 file made for ``target`` carries."""
     recipe = RECIPES[check_target(target)]
-    return {TARGET_KEY: recipe.target, ACTIVATION_BITS_KEY: str(recipe.activation_bits)}
+    return {TARGET_KEY: recipe.target, ACTIVATION_BITS_KEY: recipe.activation_bits}
 
 
-def file_recipe(metadata: Mapping[str, str]) -> Optional[Int8Recipe]:
-    """The recipe an int8 file was made with (None for other precisions). Files made before
-    targets existed have full 8-bit codes, like ``vnni``."""
-    if metadata.get("precision") != "int8":
+def file_recipe(metadata: ModelMetadata) -> Optional[Int8Recipe]:
+    """The recipe an int8 file was made with (None for other precisions). An int8 file with no
+    target (OpenVINO's NNCF IR records ``vnni``) has full 8-bit codes, like ``vnni``."""
+    if metadata.precision != "int8":
         return None
-    target = metadata.get(TARGET_KEY)
+    target = metadata.int8_target_cpu
     return RECIPES[target] if target in RECIPES else RECIPES["vnni"]
 
 
@@ -92,7 +93,7 @@ def needs_exact_u8u8_path(recipe: Optional[Int8Recipe], isa: CpuIsa) -> bool:
     return recipe is not None and not recipe.saturation_free and not isa.vnni
 
 
-def int8_cpu_mismatch(metadata: Mapping[str, str], isa: CpuIsa, source: object,
+def int8_cpu_mismatch(metadata: ModelMetadata, isa: CpuIsa, source: object,
                       exact_path: bool = True) -> Optional[str]:
     """A sentence for the user when an int8 file meets a CPU its recipe does not suit, else None.
 
@@ -102,7 +103,8 @@ def int8_cpu_mismatch(metadata: Mapping[str, str], isa: CpuIsa, source: object,
     recipe = file_recipe(metadata)
     if recipe is None:
         return None
-    made_for = f"made for {metadata[TARGET_KEY]} CPUs" if TARGET_KEY in metadata else "made with 8-bit codes"
+    made_for = (f"made for {metadata.int8_target_cpu} CPUs" if metadata.int8_target_cpu
+                else "made with 8-bit codes")
     here = f"this CPU is class {isa.cpu_class}"
     if needs_exact_u8u8_path(recipe, isa) and not exact_path:
         return (f"{source}: this int8 file was {made_for}, and {here} (no VNNI): its 8-bit products can "

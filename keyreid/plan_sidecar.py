@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from keyreid.contract import HEATMAP_MODES
 from keyreid.errors import KeyreidError
+from keyreid.model_metadata import ModelMetadata, read_metadata
 from keyreid.files import write_json
 
 FORMAT = "keyreid-plan-sidecar"
@@ -72,20 +72,9 @@ class PlanSidecar:
         return DeviceFacts(self.device_name, tuple(self.compute_capability), self.tensorrt_version)
 
     @property
-    def num_cameras(self) -> Optional[int]:
-        """Cameras the ONNX model was exported with (validated when the sidecar is read)."""
-        value = self.onnx_metadata.get("num_cameras")
-        return None if value is None else int(value)
-
-    @property
-    def embed_dim(self) -> Optional[int]:
-        """Model width D (the embedding has 25 D floats), from the ONNX metadata."""
-        value = self.onnx_metadata.get("embed_dim")
-        return int(value) if value is not None and value.isascii() and value.isdigit() else None
-
-    @property
-    def heatmap_mode(self) -> Optional[str]:
-        return self.onnx_metadata.get("heatmap_mode")
+    def metadata(self) -> ModelMetadata:
+        """The ONNX file's metadata, typed (validated when the sidecar is read)."""
+        return read_metadata(self.onnx_metadata, "the plan sidecar")
 
     def to_json(self) -> dict:
         content = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -127,12 +116,10 @@ def _problems(content: Mapping[str, object]) -> List[str]:
     if not (isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())):
         problems.append("'onnx_metadata' must be an object of strings")
         return problems
-    cameras = metadata.get("num_cameras")
-    if cameras is None or not (cameras.isascii() and cameras.isdigit()) or int(cameras) < 1:
-        problems.append(f"onnx_metadata num_cameras={cameras!r} is not a positive integer")
-    if metadata.get("heatmap_mode") not in HEATMAP_MODES:
-        problems.append(f"onnx_metadata heatmap_mode={metadata.get('heatmap_mode')!r} is not one of "
-                        f"{', '.join(HEATMAP_MODES)}")
+    try:
+        read_metadata(metadata, "onnx_metadata")
+    except KeyreidError as exc:
+        problems.append(str(exc))
     return problems
 
 

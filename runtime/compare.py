@@ -200,7 +200,7 @@ def tolerances(args: argparse.Namespace, row: str) -> Dict[str, Tolerance]:
 
 def engine_row(engine: Engine) -> str:
     """The TOLERANCES row of an active engine (keyreid/tolerances.py)."""
-    return precision_row(engine.metadata.get("precision"), engine.compute_precision)
+    return precision_row(engine.metadata.precision if engine.metadata else None, engine.compute_precision)
 
 
 def compare(actual: Dict[str, np.ndarray], expected: Dict[str, np.ndarray],
@@ -224,7 +224,8 @@ def check_plan_sources(engines: Sequence[Union[str, Path]]) -> None:
 def describe_engine(engine: Engine) -> str:
     metadata = engine.metadata
     details = [f"{engine.embedding_dim}-d"]
-    details += [f"{key} {metadata[key]}" for key in ("precision", "heatmap_mode") if key in metadata]
+    if metadata is not None:
+        details += [f"precision {metadata.precision}", f"heatmap_mode {metadata.heatmap_mode.value}"]
     return f"{engine.path} ({', '.join(details)}; {engine_banner(engine)})"
 
 
@@ -253,7 +254,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"under test: {describe_engine(engine)}")
         batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH_SIZE
         actual = run_in_pieces(engine.infer, feed, batch)
-        engine_mode = engine.metadata.get("heatmap_mode")
+        engine_mode = engine.metadata.heatmap_mode.value if engine.metadata else None
         row = engine_row(engine)
 
     if reference is not None:

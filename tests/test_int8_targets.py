@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
+from keyreid.model_metadata import read_metadata
 from keyreid.errors import KeyreidWarning
 from keyreid.export.checkpoint import load_checkpoint, load_reference_model
 from keyreid.export.int8_saturation import pair_sum_saturation, saturation_report
@@ -26,6 +27,7 @@ from keyreid.int8_targets import (ACTIVATION_BITS_KEY, INT16_MAX, NARROW_ACTIVAT
 from keyreid.cpu_features import isa_of_class
 from keyreid.runtime.backends.onnxruntime import EXACT_INT8_OPTION, OrtEngine
 from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
+from toy_engine_model import toy_metadata
 
 
 def test_only_the_avx2_recipe_is_saturation_free_and_it_says_why():
@@ -138,11 +140,12 @@ def test_a_file_on_the_cpu_it_suits_says_nothing(int8_files, monkeypatch, target
     assert messages == [] and options == [None]
 
 
-def test_mismatch_rule_covers_old_files_and_float_files():
+def test_mismatch_rule_covers_int8_files_without_a_target_and_float_files():
     avx2 = isa_of_class("avx2")
-    assert int8_cpu_mismatch({"precision": "fp32"}, avx2, "m.onnx") is None
-    old_int8 = {"precision": "int8"}                     # made before targets were recorded
-    assert "made with 8-bit codes" in int8_cpu_mismatch(old_int8, avx2, "m.onnx")
+    fp32 = read_metadata(toy_metadata(4, 6), "m.onnx")
+    assert int8_cpu_mismatch(fp32, avx2, "m.onnx") is None
+    no_target = fp32.replace(precision="int8")          # full 8-bit codes, target not recorded
+    assert "made with 8-bit codes" in int8_cpu_mismatch(no_target, avx2, "m.onnx")
     assert needs_exact_u8u8_path(RECIPES["vnni"], avx2) and not needs_exact_u8u8_path(RECIPES["avx2"], avx2)
     assert not needs_exact_u8u8_path(RECIPES["vnni"], isa_of_class("vnni"))
 

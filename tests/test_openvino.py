@@ -184,7 +184,7 @@ def test_int8_file_is_refused_in_one_sentence_pointing_to_onnxruntime(small_resi
                        "attention (com.microsoft.QAttention) is an ONNX Runtime contrib op); use the ONNX "
                        "Runtime backend (--backend onnxruntime) or the fp32 file")
     with open_engine(path) as engine:            # and ONNX Runtime does run it
-        assert engine.metadata["precision"] == "int8"
+        assert engine.metadata.precision == "int8"
 
 
 def test_static_batch_is_reported_by_the_contract_check(tmp_path):

@@ -86,10 +86,10 @@ def test_ir_carries_the_files_metadata_and_runs_on_openvino(case):
     assert ir.with_suffix(".bin").is_file()
     with open_engine(ir) as engine, open_engine(fp32) as source:
         assert isinstance(engine, OpenVinoEngine) and engine.compute_precision == "f32"
-        assert engine.metadata["precision"] == "int8" and engine.metadata["int8_tool"] == "nncf"
+        assert engine.metadata.precision == "int8" and engine.metadata.int8_tool == "nncf"
         for key in ("heatmap_mode", "num_cameras", "embedding_dim", "checkpoint_sha256"):
-            assert engine.metadata[key] == source.metadata[key]
-        assert engine.metadata["heatmap_mode"] == mode and engine.num_cameras == 6
+            assert getattr(engine.metadata, key) == getattr(source.metadata, key)
+        assert engine.metadata.heatmap_mode == mode and engine.num_cameras == 6
         assert engine.input_specs == source.input_specs and engine.output_specs == source.output_specs
 
 
@@ -135,7 +135,6 @@ def test_int8_ir_on_a_cpu_without_vnni_says_once_that_it_loses_accuracy_there(ca
     import warnings
 
     from keyreid.errors import KeyreidWarning
-    from keyreid.int8_targets import TARGET_KEY
 
     _, _, _, ir = case
     copy = tmp_path / f"{cpu_class}_{ir.name}"          # a process warns once per file and message
@@ -146,7 +145,7 @@ def test_int8_ir_on_a_cpu_without_vnni_says_once_that_it_loses_accuracy_there(ca
         warnings.simplefilter("always")
         for _ in range(2):
             with open_engine(copy) as engine:
-                assert engine.metadata[TARGET_KEY] == "vnni"
+                assert engine.metadata.int8_target_cpu == "vnni"
     messages = [str(warning.message) for warning in caught if issubclass(warning.category, KeyreidWarning)]
     assert len(messages) == warned
     assert all("--target-cpu avx2" in message and "saturate" in message for message in messages)

@@ -9,7 +9,9 @@ import pytest
 
 from keyreid.errors import KeyreidError
 from keyreid.runtime.backends.onnxruntime import CPU_CLIPS_PER_RUN, OrtEngine, choose_providers
+from keyreid.contract import INPUTS
 from keyreid.runtime.backends import open_engine
+from keyreid.runtime.backends.base import check_feed
 
 from toy_engine_model import batch_feed, build_toy_model, expected_outputs, random_clip
 
@@ -80,24 +82,27 @@ def test_engine_is_inactive_until_activated_and_after_the_with_block(toy_model, 
         engine.max_batch
 
 
-def test_missing_num_cameras_metadata_means_unknown_and_option_overrides(tmp_path):
+def test_a_file_without_a_metadata_key_is_refused_naming_the_file_and_the_key(tmp_path):
     path = build_toy_model(tmp_path / "no_meta.onnx", num_cameras=None)
+    message = load_error(path)
+    assert str(path) in message and "missing key 'num_cameras'" in message
+
+
+def test_num_cameras_option_overrides_the_files_metadata(tmp_path, feed):
+    path = build_toy_model(tmp_path / "six.onnx", num_cameras=6)
     with open_engine(path) as engine:
-        assert engine.num_cameras is None
+        assert engine.num_cameras == 6
     with open_engine(path, num_cameras=2) as engine:
         assert engine.num_cameras == 2
-
-
-def test_engine_that_does_not_know_its_cameras_refuses_a_camera_index_before_running(tmp_path, feed):
-    path = build_toy_model(tmp_path / "no_meta.onnx", num_cameras=None)
-    with open_engine(path) as engine:
-        with pytest.raises(KeyreidError, match="camera 99 cannot be checked.*--num-cameras"):
-            engine.infer(dict(feed, camera=np.array([99, 0, -1], np.int64)))
-        outputs = engine.infer(dict(feed, camera=np.full(3, -1, np.int64)))
-    assert outputs["embedding"].shape[0] == 3
-    with open_engine(path, num_cameras=2) as engine:
         with pytest.raises(KeyreidError, match="camera 3 is out of range: this model takes 0..1"):
             engine.infer(feed)
+
+
+def test_a_feed_for_a_model_that_does_not_know_its_cameras_only_takes_the_mean_camera(feed):
+    # only a Triton model configured without keyreid's parameters has no camera count
+    check_feed(dict(feed, camera=np.full(3, -1, np.int64)), INPUTS, num_cameras=None)
+    with pytest.raises(KeyreidError, match="camera 99 cannot be checked.*--num-cameras"):
+        check_feed(dict(feed, camera=np.array([99, 0, -1], np.int64)), INPUTS, num_cameras=None)
 
 
 def test_bad_num_cameras_metadata_is_reported(tmp_path):
@@ -156,9 +161,9 @@ def test_dynamic_embedding_length_is_reported(tmp_path):
     assert "dynamic length" in load_error(path)
 
 
-def test_embedding_length_not_a_multiple_of_25_is_reported(tmp_path):
+def test_embedding_length_other_than_the_metadatas_is_reported(tmp_path):
     path = build_toy_model(tmp_path / "odd_e.onnx", embedding_length=99)
-    assert "length 99, not a multiple of 25" in load_error(path)
+    assert "'embedding' has length 99; the file's metadata says 100" in load_error(path)
 
 
 # --- files that are not models -------------------------------------------------------------

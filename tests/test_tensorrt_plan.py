@@ -18,6 +18,7 @@ from keyreid.runtime.backends.tensorrt import free_all, pad_feed, split_batch
 from keyreid.plan_sidecar import (DeviceFacts, PlanSidecar, check_built_from, check_device, file_sha256,
                                           read_sidecar, sidecar_path, write_sidecar)
 from keyreid.synthetic import realistic_keypoints, synthetic_frames
+from toy_engine_model import toy_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 ORIN = DeviceFacts("Orin", (8, 7), "10.16.1.11")
@@ -26,7 +27,7 @@ ORIN = DeviceFacts("Orin", (8, 7), "10.16.1.11")
 def make_sidecar(onnx_sha256="ab" * 32, **changes) -> PlanSidecar:
     sidecar = PlanSidecar(tensorrt_version=ORIN.tensorrt_version, cuda_version="12.8", device_name=ORIN.device_name,
                           compute_capability=ORIN.compute_capability, onnx_sha256=onnx_sha256,
-                          onnx_metadata={"heatmap_mode": "mean", "num_cameras": "6", "precision": "fp16"},
+                          onnx_metadata=dict(toy_metadata(768, 6), heatmap_mode="mean", precision="fp16"),
                           plugin="aot", build={"min_batch": 1, "opt_batch": 8, "max_batch": 32,
                                                "workspace_mib": 4096, "strongly_typed": True})
     return replace(sidecar, **changes)
@@ -50,7 +51,7 @@ def test_sidecar_sits_beside_the_plan_with_json_appended(plan):
 def test_sidecar_round_trips(plan):
     sidecar = read_sidecar(plan)
     assert sidecar == make_sidecar(created_utc=sidecar.created_utc)
-    assert (sidecar.num_cameras, sidecar.heatmap_mode) == (6, "mean")
+    assert (sidecar.metadata.num_cameras, sidecar.metadata.heatmap_mode) == (6, "mean")
 
 
 def test_sidecar_has_exactly_the_agreed_keys(plan):
@@ -106,7 +107,7 @@ def test_every_problem_of_a_bad_sidecar_is_listed_at_once(plan):
     with pytest.raises(KeyreidError) as caught:
         read_sidecar(plan)
     for problem in ("format_version is 2", "'plugin' must be one of aot, none", "'compute_capability' must be",
-                    "num_cameras='0'", "heatmap_mode='gaussian'"):
+                    "num_cameras='0'", "heatmap_mode 'gaussian'"):
         assert problem in str(caught.value)
 
 

@@ -28,6 +28,7 @@ from keyreid.runtime.backends.triton import TritonLocation
 from keyreid.runtime.backends import open_engine
 from keyreid.synthetic import realistic_keypoints, synthetic_feed, synthetic_frames
 from keyreid.triton import parameters_from_config
+from toy_engine_model import toy_metadata
 
 grpc_client = pytest.importorskip("tritonclient.grpc")
 json_format = pytest.importorskip("google.protobuf.json_format")
@@ -98,7 +99,7 @@ def test_config_parameters_are_what_the_triton_engine_reads_as_metadata(onnx_con
     # Triton's get_model_config(as_json=True) is this JSON form of the parsed configuration.
     as_json = json_format.MessageToDict(onnx_config, preserving_proto_field_name=True)
     with open_engine(reduced_onnx) as local:
-        assert parameters_from_config(as_json) == local.metadata
+        assert parameters_from_config(as_json) == local.metadata.to_strings()
     assert parameters_from_config(as_json)["num_cameras"] == "6"
 
 
@@ -125,8 +126,7 @@ def write_plan_with_sidecar(folder: Path, **changes) -> Path:
     sidecar = {"format": "keyreid-plan-sidecar", "format_version": 1, "tensorrt_version": "10.13.0.35",
                "cuda_version": "12.9", "device_name": "NVIDIA Jetson AGX Orin", "compute_capability": [8, 7],
                "onnx_sha256": "0" * 64, "plugin": "aot", "created_utc": "2026-11-24T00:00:00Z",
-               "onnx_metadata": {"heatmap_mode": "mean", "num_cameras": "2", "precision": "fp16",
-                                 "embed_dim": "768", "embedding_dim": "19200"},
+               "onnx_metadata": dict(toy_metadata(768, 2), heatmap_mode="mean", precision="fp16"),
                "build": {"min_batch": 1, "opt_batch": 4, "max_batch": 16, "workspace_mib": 1024,
                          "strongly_typed": True}}
     sidecar.update(changes)

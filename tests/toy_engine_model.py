@@ -19,7 +19,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from keyreid.contract import CLIP_FRAMES, INPUTS, NUM_PARTS, NUM_PATCHES, embedding_dim, stack_clips
+from keyreid.contract import (CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, INPUTS, NUM_KEYPOINTS, NUM_PARTS, NUM_PATCHES,
+                              HeatmapMode, embedding_dim, stack_clips)
+from keyreid.model_metadata import ModelMetadata
 
 _ONNX_TYPES = {np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.float32): TensorProto.FLOAT,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.float64): TensorProto.DOUBLE,
@@ -51,6 +53,21 @@ def expected_outputs(feed: Dict[str, np.ndarray], width: int = 4) -> Dict[str, n
     return {"embedding": embedding.astype(np.float32), "part_weights": (per_part[:, None, :] + ramp).astype(np.float32)}
 
 
+def toy_metadata(width: int, num_cameras: Optional[int]) -> Dict[str, str]:
+    """What an exported file records (keyreid/model_metadata.py), for a toy model of width D;
+    ``num_cameras`` None leaves that key out (a file the schema refuses)."""
+    entries = ModelMetadata(
+        heatmap_mode=HeatmapMode.MAX, precision="fp32", num_cameras=num_cameras or 1, embed_dim=width,
+        embedding_dim=embedding_dim(width), clip_frames=CLIP_FRAMES,
+        num_keypoints=NUM_KEYPOINTS, image_height=IMAGE_HEIGHT, image_width=IMAGE_WIDTH,
+        keyreid_version="toy", opset=17, checkpoint_sha256="0" * 64, checkpoint_name="toy").to_strings()
+    if num_cameras is None:
+        del entries["num_cameras"]
+    else:
+        entries["num_cameras"] = str(num_cameras)
+    return entries
+
+
 def build_toy_model(path: Path, *, width: int = 4, num_cameras: Optional[int] = 6,
                     inputs: Optional[Dict[str, dict]] = None,
                     embedding_length: Optional[int] = None, dynamic_embedding_length: bool = False,
@@ -59,7 +76,8 @@ def build_toy_model(path: Path, *, width: int = 4, num_cameras: Optional[int] = 
 
     Args:
         width: model width D; the embedding has 25 * D floats.
-        num_cameras: written to metadata_props ``num_cameras``; None writes nothing.
+        num_cameras: written to metadata_props ``num_cameras`` (with the rest of the schema);
+            None leaves that key out.
         inputs: per contract input name, overrides of how the graph declares it:
             ``{"frames": {"name": "images", "dtype": np.float32, "shape": [1, 4, 256, 128, 3]}}``.
         embedding_length: overrides the embedding length (default 25 * D).
@@ -131,8 +149,7 @@ def build_toy_model(path: Path, *, width: int = 4, num_cameras: Optional[int] = 
 
     graph = helper.make_graph(nodes, "toy_keyreid", graph_inputs, outputs, initializer=constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    if num_cameras is not None:
-        helper.set_model_props(model, {"num_cameras": str(num_cameras)})
+    helper.set_model_props(model, toy_metadata(width, num_cameras))
     onnx.checker.check_model(model)
     path = Path(path)
     onnx.save(model, str(path))

@@ -11,17 +11,16 @@ imports (onnxruntime, tensorrt, cuda-python) happen in ``activate()``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.contract import INPUTS, NUM_PARTS, CLIP_FRAMES, TensorSpec, camera_problem, output_specs
+from keyreid.contract import CLIP_FRAMES, NUM_PARTS, TensorSpec, camera_problem, input_specs, output_specs
 from keyreid.errors import KeyreidError
+from keyreid.model_metadata import ModelMetadata
 
-# Embedding length is D * (1 + NUM_PARTS * CLIP_FRAMES) for model width D (docs/contract.md §2).
-_EMBEDDING_UNITS = 1 + NUM_PARTS * CLIP_FRAMES
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,9 @@ class EngineInfo:
     output_specs: Tuple[TensorSpec, ...]
     max_batch: Optional[int]       # None: no limit
     num_cameras: Optional[int]     # None: unknown, only the lower bound -1 is checked
-    metadata: Mapping[str, str] = field(default_factory=dict)   # what the model file says about itself
+    # what the model file says about itself; None only for a Triton model whose configuration
+    # carries no keyreid parameters (a server keyreid's repository writer did not set up)
+    metadata: Optional[ModelMetadata] = None
 
 
 def _describe_shape(shape: Sequence[object]) -> str:
@@ -69,42 +70,53 @@ def _check_tensor(kind: str, found: FoundTensor, expected: TensorSpec, problems:
             problems.append(f"axis {axis} of {kind} '{found.name}' is {shown}; the contract needs {want}")
 
 
-def _embedding_length(embedding: Optional[FoundTensor], problems: list) -> Optional[int]:
+def _embedding_length(embedding: Optional[FoundTensor], metadata: Optional[ModelMetadata],
+                      problems: list) -> Optional[int]:
     """The model's embedding length if it is a valid one, else None (with the reason in ``problems``)."""
     if embedding is None or len(embedding.shape) != 2:
         return None     # reported by the generic check
     length = embedding.shape[1]
+    clip_frames = metadata.clip_frames if metadata else CLIP_FRAMES
+    units = 1 + NUM_PARTS * clip_frames    # length = model width * units (docs/contract.md §2)
     if length is None:
         problems.append("output 'embedding' has a dynamic length; the contract needs a fixed one")
         return None
-    if length <= 0 or length % _EMBEDDING_UNITS:
-        problems.append(f"output 'embedding' has length {length}, not a multiple of {_EMBEDDING_UNITS} "
-                        f"(model width * (1 + {NUM_PARTS} parts * {CLIP_FRAMES} frames))")
+    if metadata is not None and length != metadata.embedding_dim:
+        problems.append(f"output 'embedding' has length {length}; the file's metadata says {metadata.embedding_dim}")
+        return None
+    if length <= 0 or length % units:
+        problems.append(f"output 'embedding' has length {length}, not a multiple of {units} "
+                        f"(model width * (1 + {NUM_PARTS} parts * {clip_frames} frames))")
         return None
     return length
 
 
-def check_io(source: object, inputs: Sequence[FoundTensor],
-             outputs: Sequence[FoundTensor]) -> Tuple[Tuple[TensorSpec, ...], Tuple[TensorSpec, ...]]:
+def check_io(source: object, inputs: Sequence[FoundTensor], outputs: Sequence[FoundTensor],
+             metadata: Optional[ModelMetadata]) -> Tuple[Tuple[TensorSpec, ...], Tuple[TensorSpec, ...]]:
     """Check a model's inputs and outputs against docs/contract.md §6 and return the engine's specs.
 
-    The embedding length is not fixed by the contract (it is 25 * model width: 19200 for ViT-B,
-    less for reduced test models), so it is read from the model: it must be a fixed multiple of
-    25. Every problem is listed in one KeyreidError naming ``source``.
+    The clip length, frame size and embedding length come from the file's ``metadata``
+    (keyreid/model_metadata.py); the model's tensors must agree with it. Without metadata (a
+    Triton model configured by hand) the contract's geometry applies and the embedding length is
+    read from the model: a fixed multiple of 25. Every problem is listed in one KeyreidError
+    naming ``source``.
     """
     problems: list = []
     found_inputs = {tensor.name: tensor for tensor in inputs}
     found_outputs = {tensor.name: tensor for tensor in outputs}
+    clip_frames = metadata.clip_frames if metadata else CLIP_FRAMES
+    expected_inputs = (input_specs(metadata.clip_frames, metadata.image_height, metadata.image_width)
+                       if metadata else input_specs())
 
-    embedding_length = _embedding_length(found_outputs.get("embedding"), problems)
+    embedding_length = _embedding_length(found_outputs.get("embedding"), metadata, problems)
     if embedding_length is not None:
-        expected_outputs = output_specs(embedding_length // _EMBEDDING_UNITS)
+        expected_outputs = output_specs(embedding_length // (1 + NUM_PARTS * clip_frames), clip_frames)
     else:   # already reported; check the rest of the tensor against an open length
         embedding, part_weights = output_specs()
         expected_outputs = (TensorSpec(embedding.name, embedding.dtype, ("N", None), embedding.meaning),
                             part_weights)
 
-    for kind, found, expected in (("input", found_inputs, INPUTS), ("output", found_outputs, expected_outputs)):
+    for kind, found, expected in (("input", found_inputs, expected_inputs), ("output", found_outputs, expected_outputs)):
         expected_names = [spec.name for spec in expected]
         for spec in expected:
             if spec.name in found:
@@ -117,7 +129,7 @@ def check_io(source: object, inputs: Sequence[FoundTensor],
     if problems:
         raise KeyreidError(f"{source}: does not match the KeyRe-ID I/O contract "
                            "(docs/contract.md section 6):\n  - " + "\n  - ".join(problems))
-    return INPUTS, expected_outputs
+    return expected_inputs, expected_outputs
 
 
 def check_feed(feed: Mapping[str, np.ndarray], input_specs: Sequence[TensorSpec],
@@ -166,21 +178,6 @@ def check_feed(feed: Mapping[str, np.ndarray], input_specs: Sequence[TensorSpec]
     if problems:
         raise KeyreidError("bad engine input: " + "; ".join(problems))
     return batch
-
-
-def metadata_num_cameras(metadata: Mapping[str, str], source: object) -> Optional[int]:
-    """The ``num_cameras`` a model states about itself (ONNX metadata_props, Triton parameters);
-    None when it does not say."""
-    value = metadata.get("num_cameras")
-    if value is None:
-        return None
-    try:
-        num_cameras = int(value)
-    except ValueError:
-        num_cameras = 0
-    if num_cameras < 1:
-        raise KeyreidError(f"{source}: metadata num_cameras={value!r} is not a positive integer")
-    return num_cameras
 
 
 def check_model_file(path: Path) -> Path:
@@ -276,16 +273,22 @@ class Engine:
         return self._active_info().num_cameras
 
     @property
-    def metadata(self) -> Dict[str, str]:
-        """Key -> value pairs stored in the model file (ONNX metadata_props: heatmap_mode,
-        precision, checkpoint_sha256, ...); empty for backends that store none."""
-        return dict(self._active_info().metadata)
+    def metadata(self) -> Optional[ModelMetadata]:
+        """What the model file records about itself (heatmap mode, precision, clip length,
+        cameras, provenance); None only for a Triton model configured without keyreid's parameters."""
+        return self._active_info().metadata
+
+    @property
+    def clip_frames(self) -> int:
+        """Frames per clip this model takes (from its metadata, checked against its inputs)."""
+        return int(self._active_info().input_specs[0].shape[1])
 
     @property
     def compute_precision(self) -> str:
         """The precision the backend computes in, for banners: by default what the model file
         says it stores (metadata ``precision``); backends that choose their own say so."""
-        return self._active_info().metadata.get("precision", "as stored in the model")
+        metadata = self._active_info().metadata
+        return metadata.precision if metadata else "as stored in the model"
 
     @property
     def embedding_dim(self) -> int:

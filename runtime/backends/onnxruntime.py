@@ -15,8 +15,9 @@ from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError, warn_once
 from keyreid.int8_targets import file_recipe, int8_cpu_mismatch, needs_exact_u8u8_path
 from keyreid.lazy import require
+from keyreid.model_metadata import read_metadata
 from keyreid.runtime.backends.declaration import CLIPS_PER_RUN, THREADS, Backend, EngineOption
-from keyreid.runtime.backends.base import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
+from keyreid.runtime.backends.base import (Engine, EngineInfo, FoundTensor, check_io, check_model_file,
                                      run_in_pieces)
 
 # Most preferred first; only the ones onnxruntime reports as available are used.
@@ -141,7 +142,7 @@ class OrtEngine(Engine):
             options.inter_op_num_threads = self._inter_op_threads
         providers = choose_providers(ort.get_available_providers(), self._requested_providers)
         session = self._load(ort, options, providers)
-        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        metadata = read_metadata(session.get_modelmeta().custom_metadata_map, self.path)
         isa = cpu_isa()
         if needs_exact_u8u8_path(file_recipe(metadata), isa):
             # The recipe is in the file's metadata, which only a loaded session reads: load once more
@@ -151,8 +152,7 @@ class OrtEngine(Engine):
 
         input_specs, output_specs = check_io(
             self.path, [_found_tensor(arg) for arg in session.get_inputs()],
-            [_found_tensor(arg) for arg in session.get_outputs()])
-        num_cameras = metadata_num_cameras(metadata, self.path)
+            [_found_tensor(arg) for arg in session.get_outputs()], metadata)
         mismatch = int8_cpu_mismatch(metadata, isa, self.path)
         if mismatch:
             warn_once(mismatch)
@@ -160,7 +160,7 @@ class OrtEngine(Engine):
         self._output_names = [spec.name for spec in output_specs]
         on_cpu_only = session.get_providers() == ["CPUExecutionProvider"]
         self._clips_per_run = self._requested_clips_per_run or (CPU_CLIPS_PER_RUN if on_cpu_only else None)
-        return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras, metadata)
+        return EngineInfo(input_specs, output_specs, self._max_batch, metadata.num_cameras, metadata)
 
     def _load(self, ort, options, providers):
         try:

@@ -46,10 +46,11 @@ from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError, warn_once
 from keyreid.int8_targets import int8_cpu_mismatch
 from keyreid.lazy import require
+from keyreid.model_metadata import read_metadata
 from keyreid.runtime.backends.formats import model_kind
 from keyreid.runtime.backends import openvino_ir
 from keyreid.runtime.backends.declaration import CLIPS_PER_RUN, THREADS, Backend, EngineOption
-from keyreid.runtime.backends.base import (Engine, EngineInfo, FoundTensor, check_io, check_model_file, metadata_num_cameras,
+from keyreid.runtime.backends.base import (Engine, EngineInfo, FoundTensor, check_io, check_model_file,
                                      run_in_pieces)
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "auto")
@@ -213,11 +214,10 @@ class OpenVinoEngine(Engine):
         hints = require("openvino.properties.hint")
         check_model_file(self.path)
         core = ov.Core()
-        model, metadata = read_openvino_model(core, self.path)
-
+        model, entries = read_openvino_model(core, self.path)
+        metadata = read_metadata(entries, self.path)
         input_specs, output_specs = check_io(self.path, [_found_tensor(port) for port in model.inputs],
-                                             [_found_tensor(port) for port in model.outputs])
-        num_cameras = metadata_num_cameras(metadata, self.path)
+                                             [_found_tensor(port) for port in model.outputs], metadata)
         mismatch = int8_cpu_mismatch(metadata, cpu_isa(), self.path, exact_path=False)
         if mismatch:
             warn_once(mismatch)
@@ -238,7 +238,7 @@ class OpenVinoEngine(Engine):
         self._precision = compiled.get_property(hints.inference_precision).get_type_name()
         self._requests = requests
         self._output_names = [spec.name for spec in output_specs]
-        return EngineInfo(input_specs, output_specs, self._max_batch, num_cameras, metadata)
+        return EngineInfo(input_specs, output_specs, self._max_batch, metadata.num_cameras, metadata)
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         return run_in_pieces(self._run, feed, self._clips_per_run)

@@ -232,7 +232,7 @@ class TrtEngine(Engine):
             return FoundTensor(name, _numpy_dtype(trt, engine.get_tensor_dtype(name)), shape)
 
         input_specs, output_specs = check_io(self.path, [found(name) for name in inputs],
-                                             [found(name) for name in outputs])
+                                             [found(name) for name in outputs], sidecar.metadata)
         # Profile 0 (the one a fresh context uses) bounds the batch axis of every input.
         profiles = [engine.get_tensor_profile_shape(name, 0) for name in inputs]
         self._min_batch = max(int(shapes[0][0]) for shapes in profiles)
@@ -248,10 +248,9 @@ class TrtEngine(Engine):
         self._dtypes = {name: _numpy_dtype(trt, engine.get_tensor_dtype(name)) for name in names}
         self._device = {name: DeviceBuffer() for name in names}
         self._host = {name: PinnedBuffer() for name in names}
-        metadata = {**sidecar.onnx_metadata, "onnx_sha256": sidecar.onnx_sha256,
-                    "tensorrt_version": sidecar.tensorrt_version, "plugin": sidecar.plugin}
+        metadata = sidecar.metadata.replace(tensorrt_version=sidecar.tensorrt_version, plugin=sidecar.plugin)
         # No batch limit for callers: infer_impl splits at the profile's maximum.
-        return EngineInfo(input_specs, output_specs, None, sidecar.num_cameras, metadata)
+        return EngineInfo(input_specs, output_specs, None, metadata.num_cameras, metadata)
 
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         batch = len(feed["camera"])

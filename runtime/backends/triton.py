@@ -22,10 +22,11 @@ import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
+from keyreid.model_metadata import SCHEMA_KEYS, read_metadata
 from keyreid.contract import INPUTS
 from keyreid.cli import positive_float
 from keyreid.runtime.backends.declaration import Backend, EngineOption
-from keyreid.runtime.backends.base import Engine, EngineInfo, FoundTensor, check_io, metadata_num_cameras
+from keyreid.runtime.backends.base import Engine, EngineInfo, FoundTensor, check_io
 from keyreid.triton import (DEFAULT_PORTS, NUMPY_DATATYPES, TRITON_DATATYPES, URL_SCHEMES,
                             parameters_from_config, wire_dims)
 
@@ -192,11 +193,16 @@ class TritonEngine(Engine):
         config = config.get("config", config)   # gRPC wraps the configuration, HTTP does not
 
         server_max_batch = int(config.get("max_batch_size", 0) or 0)   # 0: the model does not batch
+        # keyreid's repository writer puts the file's metadata in the parameters, beside any the
+        # server adds; a model served otherwise (serve_triton.py's PyTriton, a hand-written
+        # configuration) carries none: then the contract's geometry applies and the camera count
+        # is unknown (--num-cameras, or camera -1)
+        parameters = {key: value for key, value in parameters_from_config(config).items() if key in SCHEMA_KEYS}
+        model_metadata = read_metadata(parameters, self.path) if parameters else None
         input_specs, output_specs = check_io(
             self.path, [_found_tensor(entry, _SCALAR_INPUTS) for entry in metadata.get("inputs", [])],
-            [_found_tensor(entry) for entry in metadata.get("outputs", [])])
-        parameters = parameters_from_config(config)
-        num_cameras = metadata_num_cameras(parameters, self.path)
+            [_found_tensor(entry) for entry in metadata.get("outputs", [])], model_metadata)
+        num_cameras = model_metadata.num_cameras if model_metadata else None
         max_batch = self._max_batch
         if server_max_batch > 0:
             if max_batch is not None and max_batch > server_max_batch:
@@ -204,7 +210,7 @@ class TritonEngine(Engine):
                                    f"max_batch_size of {server_max_batch}")
             max_batch = max_batch or server_max_batch
         self._output_names = [spec.name for spec in output_specs]
-        return EngineInfo(input_specs, output_specs, max_batch, num_cameras, parameters)
+        return EngineInfo(input_specs, output_specs, max_batch, num_cameras, model_metadata)
 
     def _served_models(self) -> str:
         """``"; it has: a (ready), b (unavailable)"`` where the server lets us list its models."""

@@ -33,7 +33,7 @@ from typing import Callable, Deque, Dict, Hashable, List, Literal, Optional
 
 import numpy as np
 
-from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MAX_CLIPS_PER_TRACKLET, NUM_KEYPOINTS
+from keyreid.contract import IMAGE_HEIGHT, IMAGE_WIDTH, MAX_CLIPS_PER_TRACKLET, NUM_KEYPOINTS
 from keyreid.errors import KeyreidError
 from keyreid.contract import checked_camera
 from keyreid.runtime.backends.base import Engine
@@ -112,10 +112,6 @@ class OnlineEncoder:
             raise KeyreidError(f"color must be 'rgb' or 'bgr', got {color!r}")
         if max_tracks < 1:
             raise KeyreidError(f"max_tracks must be at least 1, got {max_tracks}")
-        least_frames = (CLIP_FRAMES - 1) * max_tracks + CLIP_FRAMES
-        if max_buffered_frames < least_frames:
-            raise KeyreidError(f"max_buffered_frames must be at least 3 * max_tracks + 4 = {least_frames}, "
-                               f"got {max_buffered_frames}")
         if not busy_timeout_s >= 0:
             raise KeyreidError(f"busy_timeout_s must not be negative, got {busy_timeout_s}")
         if idle_timeout_s is not None and not idle_timeout_s > 0:
@@ -130,7 +126,14 @@ class OnlineEncoder:
         # only one), so a queue of max_buffered_frames clips never fills: the frame limit rules.
         self._runner = Runner(engine, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                               max_queue_size=max_buffered_frames, block_when_full=False)
+        clip_frames = engine.clip_frames          # the model file's clip length (active now)
+        least_frames = (clip_frames - 1) * max_tracks + clip_frames
+        if max_buffered_frames < least_frames:
+            self._runner.close()
+            raise KeyreidError(f"max_buffered_frames must be at least {clip_frames - 1} * max_tracks + "
+                               f"{clip_frames} = {least_frames}, got {max_buffered_frames}")
         self._num_cameras = engine.num_cameras
+        self._clip_frames = clip_frames
         # Re-entrant: a clip's done-callback may run at once, on the thread that submitted it.
         self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)     # buffered frames went down, or closing
@@ -209,8 +212,8 @@ class OnlineEncoder:
             track.keypoints.append(joints)
             track.crop_sizes.append(crop_size)
             self._buffered_frames += 1
-            if len(track.frames) == CLIP_FRAMES:
-                self._submit_clip(track, list(range(CLIP_FRAMES)))
+            if len(track.frames) == self._clip_frames:
+                self._submit_clip(track, list(range(self._clip_frames)))
 
     def _checked_track(self, track_id: Hashable, camera: int) -> Optional[_Track]:
         """The live track (None if new) after the checks a push makes (lock held)."""
@@ -297,7 +300,7 @@ class OnlineEncoder:
         """Remove the track and send its last partial clip (lock held)."""
         track = self._tracks.pop(track_id)
         if track.frames:
-            self._submit_clip(track, split_into_clips(len(track.frames))[0])
+            self._submit_clip(track, split_into_clips(len(track.frames), self._clip_frames)[0])
         return track
 
     def _result(self, track_id: Hashable, track: _Track, timeout: Optional[float]) -> TrackResult:

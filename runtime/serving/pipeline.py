@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
-from keyreid.contract import camera_problem
+from keyreid.contract import CLIP_FRAMES, camera_problem
 from keyreid.errors import KeyreidError
 from keyreid.runtime.inputs.images import DEFAULT_MAX_FRAME_SIDE, load_frame
 from keyreid.runtime.inputs.poses import PoseTally, load_pose
@@ -31,13 +31,13 @@ DEFAULT_STALL_TIMEOUT_S = 600.0
 _POLL_S = 0.5       # how often a wait checks that the runner still serves
 
 
-def clip_requests(tracklet: Tracklet) -> List[Dict[str, Any]]:
-    """The tracklet's clips as undecoded requests: ``frames`` and ``poses`` are 4 file paths each
-    (the last clip cycles its own frames), ``camera`` the tracklet's camera."""
+def clip_requests(tracklet: Tracklet, clip_frames: int = CLIP_FRAMES) -> List[Dict[str, Any]]:
+    """The tracklet's clips as undecoded requests: ``frames`` and ``poses`` are ``clip_frames``
+    file paths each (the last clip cycles its own frames), ``camera`` the tracklet's camera."""
     return [{"frames": [tracklet.frame_paths[index] for index in group],
              "poses": [tracklet.pose_paths[index] for index in group],
              "camera": tracklet.camera}
-            for group in split_into_clips(tracklet.num_frames)]
+            for group in split_into_clips(tracklet.num_frames, clip_frames)]
 
 
 def clip_loader(pose_tally: Optional[PoseTally] = None, max_frame_side: int = DEFAULT_MAX_FRAME_SIDE) -> Preprocess:
@@ -189,7 +189,7 @@ def run_tracklets(runner: Runner, tracklets: Sequence[Tracklet], pose_tally: Pos
             if progress is not None:
                 progress.done(0, failed=True)
             continue
-        clips = clip_requests(tracklet)
+        clips = clip_requests(tracklet, runner.engine.clip_frames)    # the model file's clip length
         try:
             future = runner.submit_tracklet(clips)
         except QueueFull as exc:        # the engine stopped freeing room (block_timeout_s)
