@@ -16,6 +16,7 @@ PACKAGE_FOLDERS = {
     "keyreid.kernels": "kernels",
     "keyreid.export": "export",
     "keyreid.runtime": "runtime",
+    "keyreid.benchmarks": "benchmarks",
 }
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "keyreid" / "__init__.py").read_text()).group(1)
 
@@ -64,6 +65,8 @@ setup(
     # The fused kernel is compiled on first use (NVRTC or nvcc), so its sources ship with the package.
     package_data={"keyreid.kernels": ["*.cu", "*.cuh", "*.cpp"]},
     install_requires=RUNTIME,
+    # One command for every tool (keyreid/command.py); the files stay runnable as scripts.
+    entry_points={"console_scripts": ["keyreid = keyreid.command:main"]},
     extras_require={
         "runtime": [],
         "mars": ["scipy>=1.10"],    # reads MARS's info/*.mat files

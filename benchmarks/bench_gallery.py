@@ -23,12 +23,11 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
-from keyreid.cpu_features import cpu_isa  # noqa: E402
-from keyreid.files import write_json  # noqa: E402
-from keyreid.runtime.results.gallery_store import Gallery  # noqa: E402
-from keyreid.runtime.results.gallery_index import BACKENDS  # noqa: E402
+from keyreid.cpu_features import cpu_isa
+from keyreid.files import write_json
+from keyreid.runtime.results.gallery_store import Gallery
+from keyreid.runtime.results.gallery_index import BACKENDS
 
 TRACKLETS_PER_IDENTITY = 8
 NUM_CAMERAS = 6

@@ -7,8 +7,8 @@ alone in its three forms, and the GEMM rates that set the limits. Two threads ea
 """
 import pytest
 
-from machine import gemm_session
-from model_speed import deploy_runner, onnxruntime_runner, part_weight_runners, reference_runner, sample_feed
+from keyreid.benchmarks.machine import gemm_session
+from keyreid.benchmarks.model_speed import deploy_runner, onnxruntime_runner, part_weight_runners, reference_runner, sample_feed
 
 THREADS = 2
 ROUNDS = 5          # fixed rounds: calibration would spend minutes on the slow engines

@@ -27,17 +27,16 @@ import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
-from bench_runner import export_reduced_engine, interleaved_median_seconds  # noqa: E402
-from machine import banner, describe  # noqa: E402
+from keyreid.benchmarks.bench_runner import export_reduced_engine, interleaved_median_seconds
+from keyreid.benchmarks.machine import banner, describe
 
-from keyreid.files import write_json  # noqa: E402
-from keyreid.runtime.backends import open_engine  # noqa: E402
-from keyreid.runtime.inputs.images import resize_like_pil  # noqa: E402
-from keyreid.runtime.serving.online import OnlineEncoder  # noqa: E402
-from keyreid.runtime.serving.runner import Runner  # noqa: E402
-from keyreid.runtime.inputs.tracklets import num_clips, split_into_clips  # noqa: E402
+from keyreid.files import write_json
+from keyreid.runtime.backends import open_engine
+from keyreid.runtime.inputs.images import resize_like_pil
+from keyreid.runtime.serving.online import OnlineEncoder
+from keyreid.runtime.serving.runner import Runner
+from keyreid.runtime.inputs.tracklets import num_clips, split_into_clips
 
 CROP_SIZES = ((128, 256), (64, 128), (90, 300))     # (width, height): MARS, and two tracker sizes
 MAX_BATCH = 8

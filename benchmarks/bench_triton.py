@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from model_speed import sample_feed
+from keyreid.benchmarks.model_speed import sample_feed
 
 pytest.importorskip("pytriton")
 THREADS = 2

@@ -4,12 +4,7 @@
 
 The reduced model keeps the suite quick; ``benchmarks/run.py`` measures the full ViT-B model.
 """
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +18,10 @@ def bench_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bench_onnx(bench_checkpoint, tmp_path_factory):
     from keyreid.export.quiet_logs import quiet_third_party_logs
-    from keyreid.export.onnx_export import export_model, write_model_atomically
+    from keyreid.export.onnx_export import write_model_atomically
+    from keyreid.export.pipeline import ExportPipeline
     quiet_third_party_logs()
     folder = tmp_path_factory.mktemp("bench_onnx")
-    return {precision: write_model_atomically(export_model(bench_checkpoint, "max", precision),
-                                              folder / f"{precision}.onnx")
+    pipeline = ExportPipeline(bench_checkpoint, "max")
+    return {precision: write_model_atomically(pipeline.model(precision), folder / f"{precision}.onnx")
             for precision in ("fp32", "int8")}

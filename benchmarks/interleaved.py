@@ -26,10 +26,9 @@ CLIPS_PER_TURN = 8
 from keyreid.runtime.backends.formats import model_kind
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
-from machine import banner, describe  # noqa: E402
-from model_speed import onnxruntime_runner, openvino_runner, sample_feed  # noqa: E402
+from keyreid.benchmarks.machine import banner, describe
+from keyreid.benchmarks.model_speed import onnxruntime_runner, openvino_runner, sample_feed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def gemm_session(precision: str, threads: int, size: int):
     import numpy as np
     from onnx import TensorProto, helper
 
-    from model_speed import onnxruntime_session
+    from keyreid.benchmarks.model_speed import onnxruntime_session
 
     rng = np.random.default_rng(0)
     if precision == "fp32":
@@ -73,7 +73,7 @@ def _square_product_rate(product, size: int, repeats: int) -> float:
     import math
     import statistics
 
-    from model_speed import timed_calls
+    from keyreid.benchmarks.model_speed import timed_calls
 
     return 2 * size ** 3 / statistics.median(timed_calls(product, repeats, budget_s=math.inf))
 

@@ -21,15 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from keyreid.cli import run_main
+from keyreid.cli import program_name, run_main
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # sibling modules when run as a script
 
-from machine import OPENVINO_PRECISIONS, banner, describe, gemm_rates  # noqa: E402
-from model_speed import (PeakMemory, deploy_runner, onnxruntime_runner, openvino_runner,  # noqa: E402
+from keyreid.benchmarks.machine import OPENVINO_PRECISIONS, banner, describe, gemm_rates
+from keyreid.benchmarks.model_speed import (PeakMemory, deploy_runner, onnxruntime_runner, openvino_runner,
                          part_weight_runners, reference_runner, sample_feed, summarise, timed_calls)
 
 RESULTS = HERE / "results"
@@ -37,7 +36,7 @@ RUNNER_TRACKLETS, RUNNER_FRAMES, RUNNER_MAX_BATCH = 8, 16, 8
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program_name("run.py"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to measure (default: a random upstream-format one)")
     parser.add_argument("--reduced", action="store_true", help="random narrow model instead of ViT-B (quick)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="N",
@@ -57,26 +56,18 @@ def build_parser():
 def export_models(checkpoint, heatmap_mode: str, workdir: Path, stem: str, precisions) -> dict:
     """{variant: path}; the graph is traced once and the other variants derive from it. A variant
     is a precision (int8: this machine's target CPU) or ``int8-<target>`` for another target."""
-    import onnx
-    from keyreid.export.onnx_export import DEFAULT_OPSET, check_model, export_fp32, stamp_metadata, \
-        write_model_atomically
-    from keyreid.export.precision import resolve_int8_target, to_fp16, to_int8
+    from keyreid.export.onnx_export import write_model_atomically
+    from keyreid.export.pipeline import ExportPipeline
 
-    int8_target = resolve_int8_target()       # this machine's class: what a user here would export
     paths = {precision: workdir / f"{stem}_{precision}.onnx" for precision in precisions}
     missing = [precision for precision, path in paths.items() if not path.exists()]
     if missing:
         print(f"exporting {', '.join(missing)} (not timed)", flush=True)
-        fp32 = export_fp32(checkpoint, heatmap_mode)
+        pipeline = ExportPipeline(checkpoint, heatmap_mode)       # traced once for every variant
         for precision in missing:
-            target = precision.partition("-")[2] or int8_target
-            model = {"fp32": lambda: fp32, "int8": lambda: to_int8(fp32, target),
-                     "fp16": lambda: to_fp16(onnx.ModelProto.FromString(fp32.SerializeToString()))
-                     }[precision.partition("-")[0]]()
-            file_precision = precision.partition("-")[0]
-            stamp_metadata(model, checkpoint, heatmap_mode, file_precision, DEFAULT_OPSET,
-                           target if file_precision == "int8" else None)
-            check_model(model)
+            file_precision, _, target = precision.partition("-")
+            # int8 without a target: this machine's class, what a user here would export
+            model = pipeline.model(file_precision, (target or "auto") if file_precision == "int8" else None)
             write_model_atomically(model, paths[precision])
     return paths
 
@@ -84,7 +75,7 @@ def export_models(checkpoint, heatmap_mode: str, workdir: Path, stem: str, preci
 def count_arithmetic(checkpoint, heatmap_mode: str, onnx_paths: dict) -> dict:
     """{engine: {"fp32_flops", "int8_macs"}} per clip: ONNX graphs walked, torch models by torch."""
     import torch
-    from flops import count_file, count_torch
+    from keyreid.benchmarks.flops import count_file, count_torch
     from keyreid.export.checkpoint import load_reference_model
     from keyreid.export.onnx_export import build_deploy_model
     from keyreid.export.reference_model import normalize_frames
@@ -139,7 +130,7 @@ def accuracy(outputs: dict) -> dict:
     """Per engine, over every measured batch: lowest embedding cosine against the reference and
     largest part_weights difference against the reference and against ONNX fp32."""
     import numpy as np
-    from int8_accuracy import cosine_per_clip
+    from keyreid.benchmarks.int8_accuracy import cosine_per_clip
 
     summary = {}
     for name, by_batch in outputs.items():
@@ -158,7 +149,7 @@ def accuracy(outputs: dict) -> dict:
 
 def measure_runner(onnx_paths: dict, workdir: Path, threads: int, repeats: int) -> dict:
     """Tracklet folder -> features through the batched Runner (JPEG decoding included)."""
-    from bench_runner import make_tracklet_folder, measure_runner as runner_speed
+    from keyreid.benchmarks.bench_runner import make_tracklet_folder, measure_runner as runner_speed
 
     folder = workdir / "tracklets"
     if not folder.exists():
@@ -301,7 +292,7 @@ def main(argv=None) -> int:
     from keyreid.export.random_checkpoint import write_random_checkpoint
     from keyreid.errors import KeyreidError
     from keyreid.files import check_writable, write_json
-    from plot import draw_speed_figure
+    from keyreid.benchmarks.plot import draw_speed_figure
 
     model_name = "reduced" if args.reduced else "vit_b"
     json_path = args.json or RESULTS / f"{model_name}.json"

@@ -7,9 +7,10 @@ Public entry points, in data-flow order:
 
 - ``load_checkpoint(path) -> Checkpoint``: read an upstream checkpoint (``weights_only=True``),
   unwrap it, size the model and check every tensor; bad files raise one KeyreidError.
-- ``export_model(checkpoint, heatmap_mode, precision, target_cpu=...) -> onnx.ModelProto``: the
-  restructured deploy graph (docs/contract.md §5) as ONNX with the ``keyreid::KeypointPartPool``
-  node, checked; an int8 file is made for a CPU class (keyreid/int8_targets.py).
+- ``ExportPipeline(checkpoint, heatmap_mode)``: the restructured deploy graph (docs/contract.md
+  §5), traced once; ``.model(precision, target_cpu=...) -> onnx.ModelProto`` gives each file,
+  with the ``keyreid::KeypointPartPool`` node, stamped and checked; an int8 file is made for a
+  CPU class (keyreid/int8_targets.py). ``export_model(...)`` makes one file the same way.
 - ``saturation_report(model_path, feed)``: whether an int8 file's products would clip the
   16-bit sums of CPUs without VNNI, replayed in NumPy on its own codes (any CPU).
 
@@ -18,9 +19,10 @@ The command-line tools ``to_onnx.py`` (export, verify, install), ``reference_out
 """
 import importlib
 
-__all__ = ["load_checkpoint", "export_model", "saturation_report"]
+__all__ = ["load_checkpoint", "ExportPipeline", "export_model", "saturation_report"]
 
-_HOMES = {"load_checkpoint": "keyreid.export.checkpoint", "export_model": "keyreid.export.onnx_export",
+_HOMES = {"load_checkpoint": "keyreid.export.checkpoint", "ExportPipeline": "keyreid.export.pipeline",
+          "export_model": "keyreid.export.pipeline",
           "saturation_report": "keyreid.export.int8_saturation"}
 
 

@@ -6,14 +6,13 @@ convert precision, stamp metadata, check, and write the file whole.
 """
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from keyreid import __version__
-from keyreid.contract import (CLIP_FRAMES, DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, IMAGE_HEIGHT,
-                              IMAGE_WIDTH, INPUT_NAMES, NUM_KEYPOINTS, ONNX_OPSET, OUTPUT_NAMES, PRECISIONS,
-                              HeatmapMode, Precision)
+from keyreid.contract import (CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, INPUT_NAMES, NUM_KEYPOINTS, ONNX_OPSET,
+                              OUTPUT_NAMES, HeatmapMode)
 from keyreid.errors import KeyreidError
 from keyreid.model_metadata import ModelMetadata
 from keyreid.files import check_writable, write_bytes
@@ -102,39 +101,3 @@ def check_model(model) -> None:
 def write_model_atomically(model, output: Path) -> Path:
     """Serialise ``model`` and write it whole: no partial model is ever left at ``output``."""
     return write_bytes(check_writable(output, "model"), model.SerializeToString())
-
-
-def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
-                 precision: Precision = DEFAULT_PRECISION, opset: int = DEFAULT_OPSET,
-                 step: Optional[Callable[[str], None]] = None, target_cpu: Optional[str] = None):
-    """The finished, checked ModelProto for a loaded Checkpoint (not yet written).
-
-    Args:
-        checkpoint: a ``Checkpoint`` from ``load_checkpoint``.
-        heatmap_mode: the keypoint heatmap generator the checkpoint was trained with (docs/contract.md §3).
-        precision: fp32 (exact), fp16 (GPUs) or int8 (ONNX Runtime dynamic quantisation, CPUs).
-        opset: default-domain ONNX opset, at least ONNX_OPSET.
-        step: called with a sentence before each slow step (progress lines).
-        target_cpu: int8 only: the CPU class the weights are made for (avx2, vnni, amx; None or
-            "auto": this machine's; see keyreid/int8_targets.py).
-    """
-    from keyreid.export.precision import resolve_int8_target, to_fp16, to_int8
-
-    if precision not in PRECISIONS:
-        raise KeyreidError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if target_cpu not in (None, "auto") and precision != "int8":
-        raise KeyreidError(f"a target CPU applies to int8 models only, not {precision}")
-    int8_target = resolve_int8_target(target_cpu) if precision == "int8" else None
-    step = step or (lambda message: None)
-    step(f"tracing the deploy graph (opset {opset}, heatmap mode {heatmap_mode})")
-    model = export_fp32(checkpoint, heatmap_mode, opset)
-    if precision == "fp16":
-        step("casting weights and matmuls to fp16")
-        model = to_fp16(model)
-    elif precision == "int8":
-        step(f"quantising matmul weights to int8 for {int8_target} CPUs (ONNX Runtime dynamic quantisation)")
-        model = to_int8(model, int8_target)
-    stamp_metadata(model, checkpoint, heatmap_mode, precision, opset, int8_target)
-    step("checking the model (onnx.checker, full check)")
-    check_model(model)
-    return model

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from keyreid.cli import Steps, run_main
+from keyreid.cli import Steps, program_name, run_main
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, HEATMAP_MODES, ONNX_OPSET, PRECISIONS
 from keyreid.errors import KeyreidError
@@ -19,6 +19,7 @@ from keyreid.files import atomic_output, check_distinct_outputs, check_writable
 from keyreid.cpu_features import cpu_isa
 from keyreid.int8_targets import TARGET_CPUS
 from keyreid.model_metadata import read_metadata
+from keyreid.runtime.backends.formats import ONNX_SUFFIXES
 from keyreid.tolerances import TOLERANCES
 
 # Without VNNI, int8 GEMMs are only ~1.4x fp32's (measured: 54 GOP/s against 38 GFLOP/s), and
@@ -63,7 +64,7 @@ EPILOG = EPILOG.replace("{TOLERANCE_TABLE}", "\n".join(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="to_onnx.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name("to_onnx.py"), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="trained KeyRe-ID checkpoint (.pth)")
     parser.add_argument("-o", "--output", type=Path,
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
         parser.error(f"--target-cpu applies to --precision int8 only, not {args.precision}")
     quiet_third_party_logs()
     from keyreid.export.checkpoint import load_checkpoint, load_reference_model
-    from keyreid.export.onnx_export import DEFAULT_OPSET, export_model, write_model_atomically
+    from keyreid.export.onnx_export import DEFAULT_OPSET, write_model_atomically
+    from keyreid.export.pipeline import export_model
     from keyreid.export.verify import verify_onnx
 
     opset = args.opset or DEFAULT_OPSET
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
         raise KeyreidError(f"--opset {opset} is too old: the exporter needs opset {DEFAULT_OPSET} or newer")
     if args.verify_clips < 1:
         raise KeyreidError("--verify-clips must be at least 1")
-    output = args.output or args.checkpoint.with_suffix(".onnx")
+    output = args.output or args.checkpoint.with_suffix(ONNX_SUFFIXES[0])
     check_distinct_outputs({"--output": output}, {"the checkpoint": args.checkpoint})
     check_writable(output, "--output")
 

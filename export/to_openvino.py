@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from keyreid.cli import Steps, positive_int, run_main
+from keyreid.cli import Steps, positive_int, program_name, run_main
 from keyreid.errors import KeyreidError
 from keyreid.int8_targets import recipe_metadata
 from keyreid.model_metadata import ModelMetadata, read_metadata
+from keyreid.tolerances import describe_row
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.files import atomic_output_with_companions, check_distinct_outputs, check_writable
 from keyreid.runtime.backends.formats import OPENVINO_SUFFIXES, OPENVINO_WEIGHTS_SUFFIX, model_kind
@@ -28,9 +29,9 @@ open_engine("model_int8.xml") or --engine model_int8.xml. NNCF calibrates on syn
 (realistic poses, varied crop sizes, every camera) or on your own tracklets (--tracklets).
 The keypoint op, the patch embedding and the head stay f32 (export/openvino_int8.py)."""
 
-EPILOG = """\
-verification against the fp32 file, both in OpenVINO at f32, on sample clips:
-  embedding cosine >= 0.999 on every clip, part_weights max abs error <= 1e-5
+EPILOG = f"""\
+verification against the fp32 file, both in OpenVINO at f32, on sample clips
+(keyreid/tolerances.py, row int8): {describe_row("int8")}
 
 exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
 130 interrupted, 143 terminated (nothing written, no temporary file left)."""
@@ -133,7 +134,7 @@ def export_openvino_int8(onnx_path, output=None, *, calibration_clips: int = 16,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="to_openvino.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name("to_openvino.py"), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="fp32 KeyRe-ID ONNX file (to_onnx.py)")
     parser.add_argument("-o", "--output", type=Path,

@@ -9,9 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from keyreid.cli import Steps, run_main
+from keyreid.cli import Steps, program_name, run_main
 from keyreid.errors import KeyreidError
 from keyreid.files import check_writable
+from keyreid.runtime.backends.formats import TENSORRT_SUFFIXES
 
 DESCRIPTION = """\
 Build a TensorRT 10 or 11 engine (.plan) from a KeyRe-ID ONNX file made by to_onnx.py
@@ -27,10 +28,9 @@ the keypoint op (keyreid::KeypointPartPool):
         stored in the plan, which then needs no Python and no plugin library (TensorRT >= 10.9)
   none  the op's ONNX function of standard ops (any TensorRT 10, e.g. JetPack 6's 10.3)
 
-check a new build on the device against ONNX Runtime (compare.py takes the tolerances of the
-files' precision from keyreid/tolerances.py; a GPU's fp32 needs a looser relative error):
-  fp32: python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx --tolerance-rel 1e-3
-  fp16: python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx
+check a new build on the device against ONNX Runtime; compare.py takes the tolerances of the
+plan's precision from keyreid/tolerances.py (an fp32 plan computes in TF32: its row is tf32):
+  python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx
 
 exit status: 0 built; 1 bad input, no TensorRT or GPU, or a failed build (nothing written)."""
 
@@ -38,7 +38,7 @@ exit status: 0 built; 1 bad input, no TensorRT or GPU, or a failed build (nothin
 def build_parser() -> argparse.ArgumentParser:
     from keyreid.cli import positive_int
 
-    parser = argparse.ArgumentParser(prog="to_tensorrt.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name("to_tensorrt.py"), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("onnx", type=Path, metavar="MODEL.onnx", help="ONNX file from export/to_onnx.py")
     parser.add_argument("-o", "--output", type=Path, metavar="MODEL.plan",
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     if not args.onnx.is_file():
         raise KeyreidError(f"{args.onnx}: ONNX file does not exist")
-    output = args.output or args.onnx.with_suffix(".plan")
+    output = args.output or args.onnx.with_suffix(TENSORRT_SUFFIXES[0])
     inputs = {args.onnx.resolve()} | ({args.timing_cache.resolve()} if args.timing_cache else set())
     if output.resolve() in inputs or sidecar_path(output).resolve() in inputs:
         raise KeyreidError(f"{output}: the plan or its sidecar would overwrite an input; choose --output")

@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from keyreid.cli import Steps, non_negative_int, positive_int, run_main
+from keyreid.cli import Steps, non_negative_int, positive_int, program_name, run_main
 from keyreid.errors import KeyreidError
 from keyreid.triton import DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_QUEUE_DELAY_US
 
@@ -43,7 +43,7 @@ def model_name(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="to_triton.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name("to_triton.py"), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="the exported .onnx model or TensorRT .plan")
     parser.add_argument("--repository", type=Path, required=True, metavar="DIR",

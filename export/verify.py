@@ -2,7 +2,7 @@
 and of an int8 OpenVINO IR against the fp32 file it was made from (both in OpenVINO, f32).
 
 The tolerances are the project's one table (keyreid/tolerances.py): fp32 must reproduce the
-checkpoint; fp16 and int8 trade exactness for speed (cosine >= 0.999).
+checkpoint; fp16 and int8 trade exactness for speed (a bound on embedding cosine).
 """
 from pathlib import Path
 

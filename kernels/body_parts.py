@@ -6,17 +6,8 @@ size follows from the model width, not from the crop.
 """
 import numpy as np
 
-from keyreid.contract import IMAGE_HEIGHT, IMAGE_WIDTH, NUM_PARTS, PART_NAMES
+from keyreid.contract import CONFIDENCE_THRESHOLD, IMAGE_HEIGHT, IMAGE_WIDTH, JOINT_GROUPS, NUM_PARTS, PART_NAMES
 
-# COCO joint indices per part, in the order of contract.PART_NAMES.
-JOINT_GROUPS = (
-    (0, 1, 2, 3, 4),     # head: nose, eyes, ears
-    (5, 6, 11, 12),      # torso: shoulders, hips
-    (7, 9),              # left arm: elbow, wrist
-    (8, 10),             # right arm
-    (13, 15),            # left leg: knee, ankle
-    (14, 16),            # right leg
-)
 assert len(JOINT_GROUPS) == NUM_PARTS == len(PART_NAMES)
 MAX_JOINTS_PER_GROUP = max(len(group) for group in JOINT_GROUPS)   # 5
 
@@ -29,11 +20,10 @@ GROUP_SLOTS = tuple(group + (group[-1],) * (MAX_JOINTS_PER_GROUP - len(group))
 SLOT_IS_JOINT = np.array([[1.0] * len(group) + [0.0] * (MAX_JOINTS_PER_GROUP - len(group))
                           for group in JOINT_GROUPS], dtype=np.float32)
 
-# A joint counts iff confidence > 0.1, strictly. Upstream compares a float32 confidence with the
-# Python float 0.1 in float64 (NumPy 1.x scalar promotion). For float32 confidences that is the
-# same as conf >= float32(0.1), since float32(0.1) is the first float32 above 0.1; float32-only
-# backends (torch, ONNX) use that form.
-CONFIDENCE_THRESHOLD = 0.1
+# A joint counts iff confidence > CONFIDENCE_THRESHOLD (0.1), strictly. Upstream compares a
+# float32 confidence with the Python float 0.1 in float64 (NumPy 1.x scalar promotion). For float32
+# confidences that is the same as conf >= float32(0.1), since float32(0.1) is the first float32
+# above 0.1; float32-only backends (torch, ONNX) use that form.
 MIN_VISIBLE_CONFIDENCE_F32 = np.float32(CONFIDENCE_THRESHOLD)
 
 # Render frame and Gaussian window: radius r = int(w_render / g_scale), window 2r + 1,

@@ -17,6 +17,27 @@ from typing import Callable, Optional, Sequence
 from keyreid.errors import KeyreidError, KeyreidWarning
 
 
+# How the running tool was invoked, for its usage line: its script name, or ``keyreid SUBCOMMAND``
+# when the ``keyreid`` command (keyreid/command.py) runs it.
+_invoked_as: Optional[str] = None
+
+
+def program_name(script: str) -> str:
+    """The name a tool's ``--help`` and usage errors show: ``keyreid export`` when it runs as a
+    subcommand of ``keyreid``, else its ``script`` name (``to_onnx.py``)."""
+    return _invoked_as or script
+
+
+def run_as(name: str, main: Callable[[Optional[Sequence[str]]], int], argv: Sequence[str]) -> int:
+    """Run a tool's ``main`` as ``name`` (``keyreid export``), through ``run_main``."""
+    global _invoked_as
+    previous, _invoked_as = _invoked_as, name
+    try:
+        return run_main(main, list(argv))
+    finally:
+        _invoked_as = previous
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived; unwinds like Ctrl-C."""
 

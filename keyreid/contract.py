@@ -23,6 +23,18 @@ NUM_TOKENS = NUM_PATCHES + 1              # [CLS] + patches
 NUM_KEYPOINTS = 17                        # COCO
 NUM_PARTS = 6                             # head, torso, left arm, right arm, left leg, right leg
 PART_NAMES = ("head", "torso", "left_arm", "right_arm", "left_leg", "right_leg")
+# COCO joint indices per part, in the order of PART_NAMES (docs/contract.md §3).
+JOINT_GROUPS = (
+    (0, 1, 2, 3, 4),     # head: nose, eyes, ears
+    (5, 6, 11, 12),      # torso: shoulders, hips
+    (7, 9),              # left arm: elbow, wrist
+    (8, 10),             # right arm
+    (13, 15),            # left leg: knee, ankle
+    (14, 16),            # right leg
+)
+# A joint counts iff its confidence is above this, strictly (kernels/body_parts.py says how each
+# implementation compares it exactly).
+CONFIDENCE_THRESHOLD = 0.1
 MAX_CLIPS_PER_TRACKLET = 41               # docs/contract.md §4: at most the first 41 clips are used
 MEAN_CAMERA = -1                          # camera index that selects the mean camera embedding
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keyreid.cli import program_name
+
 def write_demo_tracklets(root: Path, identities: int = 4, seed: int = 0) -> None:
     """MARS-style tracklet folders (frames + .pose files) for ``identities`` people on two cameras."""
     from keyreid.synthetic import synthetic_frames, write_synthetic_tracklet
@@ -44,7 +46,8 @@ def run(module: str, *arguments) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program_name("python -m keyreid.demo"), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", nargs="?", type=Path, default=Path("demo"),
                         help="folder for the demo's files (default: demo/ in the current folder)")
     parser.add_argument("--reduced", action="store_true",

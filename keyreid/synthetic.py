@@ -12,9 +12,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, MEAN_CAMERA, NUM_KEYPOINTS
+from keyreid.contract import CLIP_FRAMES, IMAGE_HEIGHT, IMAGE_WIDTH, JOINT_GROUPS, MEAN_CAMERA, NUM_KEYPOINTS
 from keyreid.errors import KeyreidError
-from keyreid.kernels.body_parts import JOINT_GROUPS
 from keyreid.lazy import require
 
 MARS_CROP_SIZE = (IMAGE_WIDTH, IMAGE_HEIGHT)          # (width, height) = (128, 256)

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from keyreid.cli import positive_int, run_main
+from keyreid.cli import positive_int, program_name, run_main
 from keyreid.comparator import ComparisonReport, Tolerance, compare_outputs
 from keyreid.contract import camera_problem, stack_clips
 from keyreid.errors import KeyreidError
@@ -88,7 +88,7 @@ def optional_float(text: str) -> Union[float, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compare.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name("compare.py"), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=engine_location, action="append", required=True, metavar="FILE|URL",
                         help="engine under test; give it twice to compare two engines "

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from keyreid.cli import run_main
+from keyreid.cli import program_name, run_main
 from keyreid.errors import KeyreidError
 from keyreid.files import check_writable, read_npz, write_json
 from keyreid.runtime.results.gallery_index import BACKENDS, DEFAULT_BACKEND
@@ -129,7 +129,7 @@ def search_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gallery.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name("gallery.py"), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="build|search")
     build = commands.add_parser("build", help="make a gallery file from infer.py outputs")

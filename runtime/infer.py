@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.cli import Steps, run_main
+from keyreid.cli import Steps, program_name, run_main
 from keyreid.contract import MEAN_CAMERA, camera_problem
 from keyreid.errors import KeyreidError
 from keyreid.runtime.cli_args import (ENGINE_HELP, add_engine_arguments, add_frame_limit_argument,
@@ -88,7 +88,7 @@ MAX_LISTED_FAILURES = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infer.py", description=DESCRIPTION, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog=program_name("infer.py"), description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=engine_location, required=True, metavar="FILE|URL", help=ENGINE_HELP)
     modes = parser.add_mutually_exclusive_group(required=True)

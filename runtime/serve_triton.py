@@ -31,10 +31,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from keyreid.cli import run_main
+from keyreid.cli import positive_int, program_name, run_main
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.cli import positive_int
 from keyreid.runtime.cli_args import add_engine_arguments, check_engine_arguments, engine_options
 from keyreid.runtime.backends import Engine, open_engine
 from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS, DEFAULT_QUEUE_DELAY_US,
@@ -136,7 +135,7 @@ For a Triton container, write a model repository with export/to_triton.py instea
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="serve_triton.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
+        prog=program_name("serve_triton.py"), formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
         epilog="Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).")
     parser.add_argument("--engine", type=Path, required=True, metavar="FILE",
                         help="the model to serve: .onnx or .plan/.engine/.trt")

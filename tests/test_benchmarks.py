@@ -12,15 +12,12 @@ import onnx
 import pytest
 import torch
 
+from keyreid.benchmarks.flops import count_model, count_torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-from flops import count_model, count_torch  # noqa: E402
-
-from keyreid.export.checkpoint import load_checkpoint  # noqa: E402
-from keyreid.export.onnx_export import build_deploy_model  # noqa: E402
-from keyreid.export.precision import to_int8  # noqa: E402
-from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed  # noqa: E402
+from keyreid.export.checkpoint import load_checkpoint
+from keyreid.export.onnx_export import build_deploy_model
+from keyreid.export.precision import to_int8
+from keyreid.synthetic import MARS_CROP_SIZE, synthetic_feed
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def test_int8_count_moves_products_to_int8_without_changing_them(reduced_fp32_mo
 
 def test_run_script_measures_every_engine_and_writes_json_and_figure(reduced_checkpoint, tmp_path, capsys):
     import cv2
-    from run import main
+    from keyreid.benchmarks.run import main
 
     json_path, plot_path = tmp_path / "out" / "speed.json", tmp_path / "out" / "speed.png"
     assert main(["--checkpoint", str(reduced_checkpoint), "--batch-sizes", "1", "2", "--repeats", "1",
@@ -85,7 +82,7 @@ def test_run_script_measures_every_engine_and_writes_json_and_figure(reduced_che
 
 
 def test_int8_accuracy_script_measures_a_checkpoint(tmp_path):
-    from int8_accuracy import MAX_PART_WEIGHT_DIFF, MIN_COSINE, measure_case
+    from keyreid.benchmarks.int8_accuracy import MAX_PART_WEIGHT_DIFF, MIN_COSINE, measure_case
 
     rows = measure_case("reduced", 0, 1.0, tmp_path, clips=2, threads=1)
     assert [row["target"] for row in rows] == ["avx2", "vnni"]

@@ -358,11 +358,7 @@ def test_gpu_check_without_a_gpu_writes_its_results_and_figures_to_out(tmp_path)
 
 
 def test_gpu_check_reads_compute_sanitizer_outcomes():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from gpu_check import read_memcheck
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from keyreid.benchmarks.gpu_check import read_memcheck
     assert read_memcheck(0, "launched each mode once\n========= ERROR SUMMARY: 0 errors\n")["status"] == "clean"
     errors = read_memcheck(1, "========= Invalid __global__ read of size 4\n========= ERROR SUMMARY: 3 errors\n")
     assert (errors["status"], errors["errors"]) == ("errors", 3)
@@ -371,11 +367,7 @@ def test_gpu_check_reads_compute_sanitizer_outcomes():
 
 
 def test_gpu_check_figures_stay_json_even_with_a_failed_checks_infinite_error():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from gpu_check import json_safe
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    from keyreid.benchmarks.gpu_check import json_safe
     safe = json_safe({"rows": [{"error": float("inf"), "clips": np.int64(8)}], 1: (np.float32(0.5),)})
     assert json.loads(json.dumps(safe, allow_nan=False)) == {"rows": [{"error": "inf", "clips": 8}], "1": [0.5]}
 

@@ -113,4 +113,4 @@ def test_setup_finds_every_package_folder_including_new_subfolders(tmp_path):
     packages = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                               check=True, timeout=60).stdout.split()
     assert sorted(packages) == ["keyreid", "keyreid.export", "keyreid.kernels", "keyreid.runtime",
-                                "keyreid.runtime.backends.registry"]
+                                "keyreid.runtime.backends"]

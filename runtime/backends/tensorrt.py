@@ -252,6 +252,13 @@ class TrtEngine(Engine):
         # No batch limit for callers: infer_impl splits at the profile's maximum.
         return EngineInfo(input_specs, output_specs, None, metadata.num_cameras, metadata)
 
+    @property
+    def compute_precision(self) -> str:
+        """fp32 files build with TensorRT's default TF32 matmuls (Ampere and newer GPUs); fp16
+        files compute in fp16."""
+        precision = super().compute_precision
+        return "tf32" if precision == "fp32" else precision
+
     def infer_impl(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         batch = len(feed["camera"])
         results: Dict[str, list] = {name: [] for name in self._output_names}

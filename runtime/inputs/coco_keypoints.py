@@ -27,12 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.contract import NUM_KEYPOINTS
+from keyreid.contract import CONFIDENCE_THRESHOLD, NUM_KEYPOINTS
 from keyreid.errors import KeyreidError
 
 COCO_FILE_NAME = "keypoints.json"
-# A joint counts for the stand-in box above this confidence (the part pooling's own threshold).
-MIN_JOINT_CONFIDENCE = 0.1
 # Larger files are refused before parsing: a tracklet's detections take kilobytes.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 
@@ -69,7 +67,7 @@ def box_iou(first: Sequence[float], second: Sequence[float]) -> float:
 
 def joints_box(keypoints: np.ndarray) -> np.ndarray:
     """The (x, y, w, h) box around the confident joints; all zeros if there are none."""
-    confident = keypoints[np.nan_to_num(keypoints[:, 2]) > MIN_JOINT_CONFIDENCE, :2]
+    confident = keypoints[np.nan_to_num(keypoints[:, 2]) > CONFIDENCE_THRESHOLD, :2]   # the part pooling's own rule
     confident = confident[np.isfinite(confident).all(axis=1)]
     if not len(confident):
         return np.zeros(4)
