@@ -143,7 +143,8 @@ def _or_why(read: Callable[[], str]) -> str:
 def versions(torch) -> Dict[str, str]:
     """The software the kernel and the models run on: what a CUDA_ERROR_UNSUPPORTED_PTX_VERSION
     comes down to is NVRTC (or nvcc) against the driver's CUDA version."""
-    from keyreid.kernels.cuda_build import find_nvcc, nvcc_version, nvrtc_version, source_hash
+    from keyreid.kernels.cuda_build import source_hash
+    from keyreid.kernels.cuda_compilers import find_nvcc, nvcc_version, nvrtc_version
     from keyreid.kernels.cuda_driver import driver_cuda_version
 
     nvrtc = nvrtc_version()
@@ -355,7 +356,7 @@ def time_kernel(torch, kernel, device, info, repeats: int) -> dict:
 # --- 4. memcheck ----------------------------------------------------------------------------------
 
 def find_compute_sanitizer() -> Optional[str]:
-    from keyreid.kernels.cuda_build import find_nvcc
+    from keyreid.kernels.cuda_compilers import find_nvcc
     nvcc = find_nvcc()
     candidates = [shutil.which("compute-sanitizer"), "/usr/local/cuda/compute-sanitizer/compute-sanitizer"]
     if nvcc:       # the toolkit keeps it beside bin/ (compute-sanitizer/) and links it into bin/

@@ -8,7 +8,8 @@ Forms of the op, all tested against the NumPy reference:
 - ``keyreid.kernels.graph_op``: the torch custom op that exports as that one ONNX node; on
   CUDA tensors it runs the fused kernel (``keyreid.kernels.cuda_op``).
 - ``keypoint_part_pool.cu`` / ``.cuh``: the fused CUDA kernel, one entry point per mode.
-  ``keyreid.kernels.cuda_build`` holds its launch geometry and builds PTX (NVRTC or nvcc);
+  ``keyreid.kernels.cuda_build`` holds its launch geometry and builds PTX for one device
+  (with ``cuda_compilers``: NVRTC or nvcc); ``cuda_fatbin`` builds every architecture at once;
   ``keyreid.kernels.cuda_driver`` loads and launches it through the CUDA driver API;
   ``keyreid.kernels.host_build`` runs its arithmetic on the CPU, for tests without a GPU.
 - ``keyreid.kernels.trt_plugin``: the fused kernel as a TensorRT AOT plugin (its PTX goes into

@@ -13,7 +13,7 @@ import pytest
 from keyreid.contract import (CLIP_FRAMES, HEATMAP_MODES, NUM_KEYPOINTS, NUM_PARTS, NUM_PATCHES,
                               PATCH_COLS, PATCH_SIZE)
 from keyreid.errors import KeyreidError
-from keyreid.kernels import body_parts, cuda_build
+from keyreid.kernels import body_parts, cuda_build, cuda_compilers, cuda_fatbin
 from keyreid.kernels.reference import part_weights_reference
 from keyreid.synthetic import realistic_keypoints
 from test_part_weights import edge_case_clips
@@ -137,13 +137,13 @@ def test_cuda_build_and_driver_modules_import_without_torch_or_cuda():
 
 # --- compilers ------------------------------------------------------------------------------------
 
-needs_nvcc = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc is not installed")
+needs_nvcc = pytest.mark.skipif(cuda_compilers.find_nvcc() is None, reason="nvcc is not installed")
 
 
 @needs_nvcc
 def test_kernel_compiles_for_every_architecture_without_spills(tmp_path):
-    resources = cuda_build.build_fatbin(tmp_path / "keypoint_part_pool.fatbin")
-    print(cuda_build.resource_table(resources))
+    resources = cuda_fatbin.build_fatbin(tmp_path / "keypoint_part_pool.fatbin")
+    print(cuda_fatbin.resource_table(resources))
     built = {(item.arch, item.function) for item in resources}
     expected = {(arch, cuda_build.kernel_name(mode)) for arch in REQUIRED_ARCHITECTURES for mode in HEATMAP_MODES}
     assert expected <= built, f"missing from ptxas's report: {sorted(expected - built)}"
@@ -152,17 +152,17 @@ def test_kernel_compiles_for_every_architecture_without_spills(tmp_path):
 
 
 def test_architecture_list_is_the_one_the_issue_asks_for():
-    assert {f"sm_{major}{minor}" for major, minor in cuda_build.ARCHITECTURES} == REQUIRED_ARCHITECTURES
+    assert {f"sm_{major}{minor}" for major, minor in cuda_fatbin.ARCHITECTURES} == REQUIRED_ARCHITECTURES
 
 
 def _nvrtc_or_skip():
-    if cuda_build._load_nvrtc() is None:
+    if cuda_compilers.load_nvrtc() is None:
         pytest.skip("NVRTC (cuda-python and libnvrtc) is not installed")
 
 
 @pytest.mark.parametrize("compiler", ["nvcc", "nvrtc"])
 def test_compile_ptx_targets_the_device_and_is_cached(compiler, tmp_path, monkeypatch):
-    if compiler == "nvcc" and cuda_build.find_nvcc() is None:
+    if compiler == "nvcc" and cuda_compilers.find_nvcc() is None:
         pytest.skip("nvcc is not installed")
     if compiler == "nvrtc":
         _nvrtc_or_skip()
@@ -185,8 +185,8 @@ def test_compile_ptx_for_a_device_newer_than_the_compiler_targets_its_newest_arc
 
 def test_compile_ptx_without_any_compiler_says_what_to_install(monkeypatch):
     # Fault injection: this machine's compilers made invisible to otherwise real code.
-    monkeypatch.setattr(cuda_build, "_load_nvrtc", lambda: None)
-    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)
+    monkeypatch.setattr(cuda_compilers, "load_nvrtc", lambda: None)
+    monkeypatch.setattr(cuda_compilers, "find_nvcc", lambda: None)
     with pytest.raises(KeyreidError, match="install NVRTC .* install the CUDA toolkit"):
         cuda_build.compile_ptx((9, 0))
 
@@ -222,7 +222,7 @@ def test_driver_refusing_the_ptx_as_too_new_loads_an_nvcc_cubin_instead(tmp_path
 def test_driver_refusing_the_ptx_for_a_device_nvcc_cannot_build_cubins_for_loads_nvcc_ptx(tmp_path, monkeypatch):
     from keyreid.kernels.cuda_driver import load_kernel_image
     monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(cuda_build, "_nvcc_codes", lambda: [75])     # fault: an nvcc without sm_87
+    monkeypatch.setattr(cuda_compilers, "nvcc_codes", lambda: [75])     # fault: an nvcc without sm_87
     loaded = []
     _, image = load_kernel_image((8, 7), _refuse_first_image(loaded))
     assert (image.kind, image.compiler[:4]) == ("ptx", "nvcc") and b".target sm_87" in image.data
@@ -230,7 +230,7 @@ def test_driver_refusing_the_ptx_for_a_device_nvcc_cannot_build_cubins_for_loads
 
 def test_other_driver_errors_on_loading_are_not_retried(tmp_path, monkeypatch):
     from keyreid.kernels.cuda_driver import CudaDriverError, load_kernel_image
-    if cuda_build._load_nvrtc() is None and cuda_build.find_nvcc() is None:
+    if cuda_compilers.load_nvrtc() is None and cuda_compilers.find_nvcc() is None:
         pytest.skip("no CUDA compiler")
     monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
     loaded = []
@@ -247,7 +247,7 @@ def test_driver_refusing_the_ptx_without_nvcc_names_the_driver_and_the_compiler(
     from keyreid.kernels.cuda_driver import load_kernel_image
     _nvrtc_or_skip()                                             # NVRTC's PTX is refused, then
     monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)   # fault: there is no nvcc
+    monkeypatch.setattr(cuda_compilers, "find_nvcc", lambda: None)   # fault: there is no nvcc
     with pytest.raises(KeyreidError, match=r"cannot load PTX ISA [\d.]+ from \w+.*no other compiler"):
         load_kernel_image((8, 7), _refuse_first_image([]))
 
@@ -395,7 +395,7 @@ def test_fused_kernel_without_a_gpu_driver_says_so():
 @needs_nvcc
 def test_c_launcher_rejects_bad_arguments_without_touching_the_gpu(tmp_path):
     import ctypes
-    library = ctypes.CDLL(str(cuda_build.build_shared_library(tmp_path / "libkeypoint_part_pool.so",
+    library = ctypes.CDLL(str(cuda_fatbin.build_shared_library(tmp_path / "libkeypoint_part_pool.so",
                                                               architectures=[(7, 5)])))
     launch = library.keypoint_part_pool_launch
     launch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,

@@ -33,18 +33,13 @@ def small_residual_files(small_residual_checkpoint, tmp_path_factory):
     the fp32 file, and the int8 file ONNX Runtime's recipe makes of it. In memory, unverified
     (the export tests verify the exporter): a few seconds instead of the CLI's 25."""
     from keyreid.export.checkpoint import load_checkpoint
-    from keyreid.export.onnx_export import DEFAULT_OPSET, export_fp32, stamp_metadata
-    from keyreid.export.precision import to_int8
+    from keyreid.export.pipeline import ExportPipeline
 
-    checkpoint = load_checkpoint(small_residual_checkpoint)
+    pipeline = ExportPipeline(load_checkpoint(small_residual_checkpoint), "mean")    # traced once
     folder = tmp_path_factory.mktemp("openvino")
-    fp32 = export_fp32(checkpoint, "mean", DEFAULT_OPSET)
-    int8 = onnx.ModelProto()
-    int8.CopyFrom(fp32)
-    int8 = to_int8(int8, "vnni")
     files = {}
-    for precision, model in (("fp32", fp32), ("int8", int8)):
-        stamp_metadata(model, checkpoint, "mean", precision, DEFAULT_OPSET, "vnni" if precision == "int8" else None)
+    for precision in ("fp32", "int8"):
+        model = pipeline.model(precision, "vnni" if precision == "int8" else None)
         files[precision] = folder / f"small_residual_mean_{precision}.onnx"
         onnx.save(model, str(files[precision]))
     return files

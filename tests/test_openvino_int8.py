@@ -26,11 +26,9 @@ def small_residual_fp32(small_residual_checkpoint, tmp_path_factory):
     """The small-residual checkpoint (seed 2, residual scale 1e-3), fp32, heatmap mode mean,
     exported in memory (the export tests verify the exporter)."""
     from keyreid.export.checkpoint import load_checkpoint
-    from keyreid.export.onnx_export import DEFAULT_OPSET, export_fp32, stamp_metadata
+    from keyreid.export.pipeline import export_model
 
-    checkpoint = load_checkpoint(small_residual_checkpoint)
-    model = export_fp32(checkpoint, "mean", DEFAULT_OPSET)
-    stamp_metadata(model, checkpoint, "mean", "fp32", DEFAULT_OPSET)
+    model = export_model(load_checkpoint(small_residual_checkpoint), "mean", "fp32")
     path = tmp_path_factory.mktemp("openvino_int8") / "small_residual_mean.onnx"
     onnx.save(model, str(path))
     return path

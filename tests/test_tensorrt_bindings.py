@@ -20,7 +20,7 @@ from tensorrt_bindings import Bindings, PluginApi, WHEELS, fetch_wheel, misplace
 from tensorrt_onnx_support import parser_problems
 
 REPO = Path(__file__).resolve().parents[1]
-TENSORRT_SOURCES = [REPO / "runtime" / "engine_trt.py", REPO / "export" / "trt_builder.py"]
+TENSORRT_SOURCES = [REPO / "runtime" / "backends" / "tensorrt.py", REPO / "export" / "trt_builder.py"]
 PLUGIN_SOURCE = REPO / "kernels" / "trt_plugin.py"
 
 
