@@ -53,8 +53,9 @@ checks (exit 1 when one fails):
   part_weights   max absolute error <= --part-weights-abs
   retrieval      with --min-agreement F: at least a fraction F of the clips has the same
                  top-k neighbours in the same order under both (default: only reported)
-By default the tolerances are the ones the export verified the file at, by its precision (and
-OpenVINO's bf16 compute precision), the looser of two engines' (keyreid/tolerances.py):
+By default the tolerances are the ones the export verified the file at, by its precision or
+the compute precision a backend lowers it to (TensorRT's tf32, OpenVINO's bf16), the looser of
+two engines' (keyreid/tolerances.py):
 {TOLERANCE_TABLE}
 A --tolerance-* flag replaces that bound; pass "none" to skip that check.
 
