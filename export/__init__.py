@@ -5,11 +5,15 @@ Needs the ``export`` extra (torch, onnx, onnxscript), imported only when used, s
 
 Public entry points, in data-flow order:
 
+- ``export_onnx(checkpoint_path, output, heatmap_mode=..., precision=...) -> ExportedFile``: what
+  ``to_onnx.py`` does, as one call: export, verify against the reference model in ONNX Runtime,
+  and only then write the file (progress lines on stderr unless ``progress=False``).
 - ``load_checkpoint(path) -> Checkpoint``: read an upstream checkpoint (``weights_only=True``),
   unwrap it, size the model and check every tensor; bad files raise one KeyreidError.
 - ``export_model(checkpoint, heatmap_mode, precision, target_cpu=...) -> onnx.ModelProto``: the
   restructured deploy graph (docs/contract.md §5) as ONNX with the ``keyreid::KeypointPartPool``
-  node, checked; an int8 file is made for a CPU class (keyreid/int8_targets.py).
+  node, checked, in memory (not verified: ``export_onnx`` does that); an int8 file is made for a
+  CPU class (keyreid/int8_targets.py).
 - ``saturation_report(model_path, feed)``: whether an int8 file's products would clip the
   16-bit sums of CPUs without VNNI, replayed in NumPy on its own codes (any CPU).
 
@@ -18,9 +22,10 @@ The command-line tools ``to_onnx.py`` (export, verify, install), ``reference_out
 """
 import importlib
 
-__all__ = ["load_checkpoint", "export_model", "saturation_report"]
+__all__ = ["export_onnx", "load_checkpoint", "export_model", "saturation_report"]
 
-_HOMES = {"load_checkpoint": "keyreid.export.checkpoint", "export_model": "keyreid.export.onnx_export",
+_HOMES = {"export_onnx": "keyreid.export.onnx_file", "load_checkpoint": "keyreid.export.checkpoint",
+          "export_model": "keyreid.export.onnx_export",
           "saturation_report": "keyreid.export.int8_saturation"}
 
 

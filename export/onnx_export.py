@@ -46,11 +46,12 @@ def export_fp32(checkpoint, heatmap_mode: str, opset: int = DEFAULT_OPSET):
     torch = require("torch")
     require("onnxscript")
     from keyreid.kernels.graph_op import onnx_translation_table
+    from keyreid.export.quiet_logs import exporter_logs_quietened
     from keyreid.kernels.onnx_function import attach_part_pool_function
 
     model = build_deploy_model(checkpoint, heatmap_mode)
     clips = torch.export.Dim("N", min=1, max=4096)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), exporter_logs_quietened():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, example_inputs(), dynamo=True, opset_version=opset, verbose=False,
@@ -60,7 +61,8 @@ def export_fp32(checkpoint, heatmap_mode: str, opset: int = DEFAULT_OPSET):
     proto = program.model_proto
     for value in list(proto.graph.input) + list(proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
-    return attach_part_pool_function(proto, heatmap_mode)
+    with exporter_logs_quietened():     # the op's function body is exported by torch.onnx too
+        return attach_part_pool_function(proto, heatmap_mode)
 
 
 def stamp_metadata(model, checkpoint, heatmap_mode: str, precision: str, opset: int,
@@ -102,6 +104,12 @@ def write_model_atomically(model, output: Path) -> Path:
     return write_bytes(check_writable(output, "model"), model.SerializeToString())
 
 
+def export_steps(precision: str) -> int:
+    """How many times ``export_model`` calls its ``step`` for ``precision``: tracing, the
+    precision's conversion (none for fp32) and the check."""
+    return 2 + (precision != "fp32")
+
+
 def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
                  precision: Precision = DEFAULT_PRECISION, opset: int = DEFAULT_OPSET,
                  step: Optional[Callable[[str], None]] = None, target_cpu: Optional[str] = None):
@@ -112,7 +120,8 @@ def export_model(checkpoint, heatmap_mode: HeatmapMode = DEFAULT_HEATMAP_MODE,
         heatmap_mode: the keypoint heatmap generator the checkpoint was trained with (docs/contract.md §3).
         precision: fp32 (exact), fp16 (GPUs) or int8 (ONNX Runtime dynamic quantisation, CPUs).
         opset: default-domain ONNX opset, at least ONNX_OPSET.
-        step: called with a sentence before each slow step (progress lines).
+        step: called with a sentence before each slow step (progress lines); ``export_steps``
+            says how many there are.
         target_cpu: int8 only: the CPU class the weights are made for (avx2, vnni, amx; None or
             "auto": this machine's; see keyreid/int8_targets.py).
     """

@@ -380,10 +380,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Build the fused KeypointPartPool kernel for every "
                                                  "supported GPU architecture (PTX and cubins in one fatbin).")
     parser.add_argument("output", type=Path, help="fatbin to write, e.g. build/keypoint_part_pool.fatbin")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="parallel ptxas jobs (default: 1; more is faster but can mix up the spill report)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="parallel compile jobs, nvcc's --threads (default: 1; more is faster but can mix "
+                             "up the spill report). Not inference threads, which the runtime's --threads sets")
     args = parser.parse_args(argv)
-    resources = build_fatbin(args.output, threads=args.threads)
+    resources = build_fatbin(args.output, threads=args.jobs)
     print(resource_table(resources))
     spilling = [f"{item.function} on {item.arch}" for item in resources if item.spill_stores or item.spill_loads]
     if spilling:

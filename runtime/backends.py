@@ -38,7 +38,7 @@ BACKENDS: Tuple[Backend, ...] = (
              "--inference-precision": "inference_precision"},
             "OpenVINO on the CPU, fp32 and fp16 .onnx files and int8 .xml IR (to_openvino.py)"),
     Backend("tensorrt", ("tensorrt",), "keyreid.runtime.engine_trt:TrtEngine",
-            {"--plugin": "plugin_libraries"}, "TensorRT .plan/.engine/.trt files on an NVIDIA GPU"),
+            {"--plugin-library": "plugin_libraries"}, "TensorRT .plan/.engine/.trt files on an NVIDIA GPU"),
     Backend("triton", ("triton",), "keyreid.runtime.engine_triton:TritonEngine",
             {"--timeout": "timeout_s"}, "a Triton Inference Server at grpc:// or http(s)://"),
 )

@@ -48,7 +48,15 @@ def parse_providers(text: str) -> List[str]:
     return [PROVIDER_ALIASES.get(name.lower(), name) for name in names]
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+RUNNER_MAX_BATCH_HELP = ("largest batch, in clips: the most clips per engine call (default: the engine's "
+                         "maximum, such as a TensorRT plan's profile or a Triton model's max_batch_size; "
+                         "else 16)")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser,
+                         max_batch_help: str = RUNNER_MAX_BATCH_HELP) -> argparse._ArgumentGroup:
+    """The engine options; ``max_batch_help`` says what --max-batch bounds in this tool (every
+    tool's --max-batch is its largest batch, in clips)."""
     group = parser.add_argument_group("engine options")
     group.add_argument("--backend", action="append", choices=(AUTO,) + backend_names(), metavar="NAME",
                        help="what runs the model: " + "; ".join(f"{backend.name}: {backend.summary}"
@@ -65,20 +73,19 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                             "(full names or cpu, cuda, tensorrt; default: TensorRT, CUDA, CPU, "
                             "whichever this onnxruntime build has). .onnx engines only")
     group.add_argument("--threads", type=positive_int, metavar="N",
-                       help="threads of ONNX Runtime (inside one operator) or OpenVINO (default: "
-                            "the library's choice, one per core). .onnx engines only")
+                       help="inference threads: ONNX Runtime's (inside one operator) or OpenVINO's "
+                            "(default: the library's choice, one per core). .onnx engines only")
     group.add_argument("--clips-per-run", type=positive_int, metavar="N",
                        help="run a batch in pieces of N clips (ONNX Runtime default: 1 on the CPU "
                             "provider, where it measured fastest per clip, whole batches on a GPU; "
                             "OpenVINO default: whole batches). .onnx engines only")
-    group.add_argument("--max-batch", type=positive_int, metavar="N",
-                       help="most clips per engine call (default: 16; a TensorRT engine runs a "
-                            "bigger call in pieces of its profile's maximum)")
+    group.add_argument("--max-batch", type=positive_int, metavar="N", help=max_batch_help)
     group.add_argument("--num-cameras", type=positive_int, metavar="C",
                        help="cameras the model knows, for the camera range check (default: the "
                             "ONNX metadata, or the TensorRT plan's sidecar)")
-    group.add_argument("--plugin", type=Path, action="append", default=[], metavar="LIB",
-                       help="TensorRT plugin library to load first (repeatable). TensorRT engines only")
+    group.add_argument("--plugin-library", type=Path, action="append", default=[], metavar="LIB",
+                       help="a TensorRT plugin library (.so) to load before the engine (repeatable); "
+                            "keyreid's own plans need none. TensorRT engines only")
     group.add_argument("--timeout", type=positive_float, metavar="S",
                        help="longest wait for one request to the server, in seconds (default: 60); "
                             "requests the server cannot take are retried 3 times. Triton engines only")
