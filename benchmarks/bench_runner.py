@@ -243,9 +243,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=Path, help="engine to run (default: a random reduced ONNX, exported here)")
     parser.add_argument("--tracklets", type=Path, help="tracklet folder (default: 12 synthetic tracklets of 24 frames)")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="largest batch, in clips: the runner's most clips per engine call (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="runner decoding threads")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="inference threads: ONNX Runtime's, inside one operator (default: its own)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

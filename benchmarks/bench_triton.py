@@ -35,7 +35,7 @@ def engines(bench_onnx, bench_checkpoint, tmp_path_factory):
         # No queue delay: a lone caller should not wait for company that never comes.
         with triton_server(local, grpc_port=grpc_port, http_port=http_port, max_batch=MAX_BATCH,
                            max_queue_delay_us=0, workspace=tmp_path_factory.mktemp("bench_triton") / "w"):
-            # The server publishes no camera count, so clients name it (README, Triton section).
+            # The server publishes no camera count, so clients name it (docs/serving.md).
             cameras = bench_checkpoint.config.num_cameras
             with open_engine(f"grpc://127.0.0.1:{grpc_port}/keyreid", num_cameras=cameras) as grpc_engine, \
                     open_engine(f"http://127.0.0.1:{http_port}/keyreid", num_cameras=cameras) as http_engine:

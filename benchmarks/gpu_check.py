@@ -1,6 +1,6 @@
 """Check and time the fused KeypointPartPool kernel on a CUDA GPU, and the models beside it.
 
-    python benchmarks/gpu_check.py                   # random ViT-B checkpoint (about 4 minutes)
+    python benchmarks/gpu_check.py                   # random ViT-B checkpoint, within --budget-s
     python benchmarks/gpu_check.py --reduced         # narrow random model: quick
     python benchmarks/gpu_check.py --checkpoint ckpt.pth --heatmap-mode mean
     python benchmarks/gpu_check.py --no-models       # the kernel only
@@ -71,7 +71,7 @@ FP32_MAX_RELATIVE = TOLERANCES["fp32"]["embedding"].max_rel
 BF16_MIN_COSINE = TOLERANCES["fp16"]["embedding"].min_cosine
 WIN_FACTOR = 1.05              # a graph or compiled model this much faster than eager is a win
 MEMCHECK_TIMEOUT_S = 120
-DEFAULT_BUDGET_S = 390         # inside the README line's `timeout 420`, with time to write
+DEFAULT_BUDGET_S = 390         # inside docs/gpu.md's install line's `timeout 420`, with time to write
 
 BYTES_PER_CLIP = 4 * (CLIP_FRAMES * NUM_KEYPOINTS * 3 + CLIP_FRAMES * 2 + NUM_PATCHES * NUM_PARTS)
 # Arithmetic a kernel cannot avoid, counted with every joint visible (an upper bound): per

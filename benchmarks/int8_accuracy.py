@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reduced", action="store_true", help="narrow models instead of ViT-B (quick)")
     parser.add_argument("--clips", type=int, default=4, help="sample clips per checkpoint (default: 4)")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="inference threads: ONNX Runtime's, inside one operator (default: 2)")
     parser.add_argument("--targets", nargs="+", choices=TARGET_CPUS, default=["avx2", "vnni"],
                         help="int8 target CPUs to measure (default: avx2 vnni; amx is vnni's recipe)")
     parser.add_argument("--json", type=Path, help="also write the rows here")

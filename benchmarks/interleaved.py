@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run the first file on OpenVINO at these compute precisions")
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8], metavar="N")
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default: 3)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="threads per engine (default: 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, metavar="N",
+                        help="inference threads of every engine (default: %(default)s)")
     parser.add_argument("--num-cameras", type=positive_int, default=6, metavar="C")
     return parser
 

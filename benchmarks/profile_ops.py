@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="ONNX model to profile")
     parser.add_argument("--batch", type=int, default=1, help="clips per call (default: 1)")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="inference threads: ONNX Runtime's, inside one operator (default: 2)")
     parser.add_argument("--runs", type=int, default=3, help="profiled calls after one warm-up (default: 3)")
     parser.add_argument("--top", type=int, default=15, help="nodes to list (default: 15)")
     args = parser.parse_args(argv)

@@ -1,8 +1,9 @@
 """Every engine side by side, and how close each one gets to this machine's limit.
 
-    python benchmarks/run.py                      # ViT-B random checkpoint, batch 1, 8, 32 (< 10 min)
+    python benchmarks/run.py                      # ViT-B random checkpoint, batch 1, 8, 32
     python benchmarks/run.py --reduced            # narrow model: a quick smoke run
     python benchmarks/run.py --checkpoint ckpt.pth --batch-sizes 1 8 --json out.json --plot out.png
+    python benchmarks/run.py --output-dir benchmarks/results   # replace the committed results
 
 One run, the same inputs and the same thread count for all: the reference model (torch eager),
 the torch deploy model, the exported ONNX files in ONNX Runtime (fp32, int8; fp16 where a CUDA
@@ -13,7 +14,10 @@ clip, counted from the graph (benchmarks/flops.py), at this machine's fp32 and i
 measured in the same run (benchmarks/machine.py). Also the part-weight op alone.
 
 Writes the results as JSON and a PNG (clips/s against batch, limits as dashed lines), by
-default under benchmarks/results/. Nothing here passes or fails on speed.
+default under ./keyreid-bench/ (the committed results in benchmarks/results/ change only when
+asked for with --output-dir benchmarks/results). Nothing here passes or fails on speed.
+Exit status: 0 measured and written; 1 bad input; 2 wrong command-line usage.
+Measured run times, with the machines, are in docs/speed.md.
 """
 import argparse
 import gc
@@ -21,35 +25,41 @@ import sys
 import tempfile
 from pathlib import Path
 
-from keyreid.cli import program_name, run_main
+from keyreid.cli import non_negative_float, positive_int, program_name, run_main
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, HEATMAP_MODES
 
-HERE = Path(__file__).resolve().parent
 
 from keyreid.benchmarks.machine import OPENVINO_PRECISIONS, banner, describe, gemm_rates
 from keyreid.benchmarks.model_speed import (PeakMemory, deploy_runner, onnxruntime_runner, openvino_runner,
                          part_weight_runners, reference_runner, sample_feed, summarise, timed_calls)
 
-RESULTS = HERE / "results"
+DEFAULT_OUTPUT_DIR = Path("keyreid-bench")    # in the current folder; never the committed results
 RUNNER_TRACKLETS, RUNNER_FRAMES, RUNNER_MAX_BATCH = 8, 16, 8
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog=program_name("run.py"), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=program_name("run.py"), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="checkpoint to measure (default: a random upstream-format one)")
     parser.add_argument("--reduced", action="store_true", help="random narrow model instead of ViT-B (quick)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="N",
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8, 32], metavar="N",
                         help="clips per call (default: 1 8 32)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement, at most (default: 5)")
-    parser.add_argument("--budget", type=float, default=15.0, metavar="SECONDS",
+    parser.add_argument("--threads", type=positive_int, default=2, metavar="N",
+                        help="inference threads of every engine: ONNX Runtime (inside one operator), "
+                             "OpenVINO, torch (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed calls per measurement, at most (default: 5)")
+    parser.add_argument("--budget", type=non_negative_float, default=15.0, metavar="SECONDS",
                         help="stop repeating a measurement after this long (default: 15)")
     parser.add_argument("--heatmap-mode", default=DEFAULT_HEATMAP_MODE, choices=HEATMAP_MODES)
     parser.add_argument("--no-runner", action="store_true", help="skip the end-to-end runner measurement")
     parser.add_argument("--workdir", type=Path, help="keep checkpoints and exported models here (default: temporary)")
-    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/<model>.json)")
-    parser.add_argument("--plot", type=Path, help="figure (default: benchmarks/results/<model>.png)")
+    parser.add_argument("-o", "--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+                        help="folder for <model>.json and <model>.png (default: %(default)s/ in the current "
+                             "folder; benchmarks/results replaces the committed results)")
+    parser.add_argument("--json", type=Path, help="results file (default: DIR/<model>.json)")
+    parser.add_argument("--plot", type=Path, help="figure (default: DIR/<model>.png)")
     return parser
 
 
@@ -295,8 +305,8 @@ def main(argv=None) -> int:
     from keyreid.benchmarks.plot import draw_speed_figure
 
     model_name = "reduced" if args.reduced else "vit_b"
-    json_path = args.json or RESULTS / f"{model_name}.json"
-    plot_path = args.plot or RESULTS / f"{model_name}.png"
+    json_path = args.json or args.output_dir / f"{model_name}.json"
+    plot_path = args.plot or args.output_dir / f"{model_name}.png"
     for path in (json_path, plot_path):     # fail now, not after ten minutes of measuring
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,11 +47,12 @@ def export_fp32(checkpoint, heatmap_mode: str, opset: int = DEFAULT_OPSET):
     torch = require("torch")
     require("onnxscript")
     from keyreid.kernels.graph_op import onnx_translation_table
+    from keyreid.export.quiet_logs import exporter_logs_quietened
     from keyreid.kernels.onnx_function import attach_part_pool_function
 
     model = build_deploy_model(checkpoint, heatmap_mode)
     clips = torch.export.Dim("N", min=1, max=4096)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), exporter_logs_quietened():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, example_inputs(), dynamo=True, opset_version=opset, verbose=False,
@@ -61,7 +62,8 @@ def export_fp32(checkpoint, heatmap_mode: str, opset: int = DEFAULT_OPSET):
     proto = program.model_proto
     for value in list(proto.graph.input) + list(proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
-    return attach_part_pool_function(proto, heatmap_mode)
+    with exporter_logs_quietened():     # the op's function body is exported by torch.onnx too
+        return attach_part_pool_function(proto, heatmap_mode)
 
 
 def stamp_metadata(model, checkpoint, heatmap_mode: str, precision: str, opset: int,

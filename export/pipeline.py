@@ -19,6 +19,12 @@ from keyreid.export.onnx_export import DEFAULT_OPSET, build_deploy_model, check_
 from keyreid.lazy import require
 
 
+def export_steps(precision: Precision, traced: bool = False) -> int:
+    """Progress steps of making one file: tracing (unless ``traced`` already), the precision's
+    conversion (none for fp32) and the check."""
+    return (not traced) + (precision != "fp32") + 1
+
+
 class ExportPipeline:
     """A checkpoint's deploy graph, traced on first use and kept; ``model(precision)`` makes files."""
 
@@ -37,6 +43,10 @@ class ExportPipeline:
         self.opset = opset
         self.step = step or (lambda message: None)
         self._trace = None
+
+    def steps(self, precision: Precision) -> int:
+        """How many times the next ``model(precision)`` calls ``step``."""
+        return export_steps(precision, traced=self._trace is not None)
 
     def deploy_model(self):
         """The restructured torch model (docs/contract.md §5), before tracing."""

@@ -1,18 +1,47 @@
-"""Quieter exporter logs for the export tools and the benchmarks (torch is imported here only)."""
+"""Quieter exporter logs for the export tools, the library's export and the benchmarks (torch is
+imported here only)."""
 import contextlib
 import logging
+from typing import Dict, Iterator
+
+# torch.onnx: a warning per torchvision op it cannot register when torchvision is not installed
+# (keyreid uses none of them); nncf: an INFO line per node it leaves unquantised (the int8 IR
+# export ignores hundreds).
+NOISY_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "nncf")
 
 
-def quiet_third_party_logs() -> None:
-    """The exporter logs a warning per missing torchvision op; users need none of it.
-    torch configures its loggers when imported, so import it (if present) before quietening."""
+def _import_torch_if_present() -> None:
+    """torch configures its loggers when imported: import it first, or they are set afterwards."""
     try:
         import torch  # noqa: F401
     except ImportError:
         pass
-    # nncf: an INFO line per node it leaves unquantised (the int8 IR export ignores hundreds)
-    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "nncf"):
+
+
+def quiet_third_party_logs() -> None:
+    """For command-line tools: the exporters' noise off for the rest of the process."""
+    _import_torch_if_present()
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def exporter_logs_quietened() -> Iterator[None]:
+    """For the library (``export_model``): the exporters' noise off inside the block only, so a
+    caller's own logging configuration is as it was afterwards. Loggers already set quieter (by
+    ``quiet_third_party_logs`` or the caller) stay so."""
+    _import_torch_if_present()
+    previous: Dict[str, int] = {}
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        previous[name] = logger.level
+        if logger.getEffectiveLevel() < logging.ERROR:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)
 
 
 class _DropPreprocessingHint(logging.Filter):

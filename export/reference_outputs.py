@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reference_outputs.py", description=__doc__.split("\n\n")[0],
         epilog="The clips are synthetic (realistic poses on crops of several sizes; cameras cycle "
-               "-1, 0, ..., C-1). exit status: 0 written; 1 bad input (nothing written).")
+               "-1, 0, ..., C-1). exit status: 0 written; 1 bad input (nothing written); 2 wrong usage.")
     parser.add_argument("checkpoint", type=Path, help="trained KeyRe-ID checkpoint (.pth)")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="REF.npz",
                         help="reference file to write")

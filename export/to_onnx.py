@@ -11,14 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from keyreid.cli import Steps, program_name, run_main
+from keyreid.cli import positive_int, program_name, run_main
 from keyreid.export.quiet_logs import quiet_third_party_logs
 from keyreid.contract import DEFAULT_HEATMAP_MODE, DEFAULT_PRECISION, HEATMAP_MODES, ONNX_OPSET, PRECISIONS
-from keyreid.errors import KeyreidError
-from keyreid.files import atomic_output, check_distinct_outputs, check_writable
+from keyreid.export.verify import DEFAULT_SAMPLE_CLIPS
+from keyreid.files import check_distinct_outputs, check_writable
 from keyreid.cpu_features import cpu_isa
 from keyreid.int8_targets import TARGET_CPUS
-from keyreid.model_metadata import read_metadata
 from keyreid.runtime.backends.formats import ONNX_SUFFIXES
 from keyreid.tolerances import TOLERANCES
 
@@ -55,7 +54,7 @@ int8 target CPUs (--target-cpu; recorded in the file, checked by the runtime):
   auto   this machine's class (the default); the verification runs on this machine
 
 exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
-130 interrupted, 143 terminated (nothing written, no temporary file left)."""
+2 wrong command-line usage; 130 interrupted, 143 terminated (nothing written, no temporary file left)."""
 
 
 EPILOG = EPILOG.replace("{TOLERANCE_TABLE}", "\n".join(
@@ -79,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-cpu", choices=("auto",) + TARGET_CPUS, default=None,
                         help="int8 only: the CPU class the file is made for (default: auto, this "
                              "machine's; see below)")
-    parser.add_argument("--opset", type=int, default=None,
+    parser.add_argument("--opset", type=positive_int, default=None,
                         help=f"ONNX opset of the standard ops (default: {ONNX_OPSET}, the lowest supported)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime parity check against the reference model")
-    parser.add_argument("--verify-clips", type=int, default=3, metavar="N",
-                        help="sample clips for the parity check (default: 3)")
+    parser.add_argument("--verify-clips", type=positive_int, default=DEFAULT_SAMPLE_CLIPS, metavar="N",
+                        help="sample clips for the parity check (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -94,51 +93,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.target_cpu is not None and args.precision != "int8":
         parser.error(f"--target-cpu applies to --precision int8 only, not {args.precision}")
-    quiet_third_party_logs()
-    from keyreid.export.checkpoint import load_checkpoint, load_reference_model
-    from keyreid.export.onnx_export import DEFAULT_OPSET, write_model_atomically
-    from keyreid.export.pipeline import export_model
-    from keyreid.export.verify import verify_onnx
-
-    opset = args.opset or DEFAULT_OPSET
-    if opset < DEFAULT_OPSET:
-        raise KeyreidError(f"--opset {opset} is too old: the exporter needs opset {DEFAULT_OPSET} or newer")
-    if args.verify_clips < 1:
-        raise KeyreidError("--verify-clips must be at least 1")
+    if args.opset is not None and args.opset < ONNX_OPSET:
+        parser.error(f"--opset {args.opset} is too old: the exporter needs opset {ONNX_OPSET} or newer")
     output = args.output or args.checkpoint.with_suffix(ONNX_SUFFIXES[0])
     check_distinct_outputs({"--output": output}, {"the checkpoint": args.checkpoint})
     check_writable(output, "--output")
+    quiet_third_party_logs()
+    from keyreid.export.onnx_file import VerificationFailed, export_onnx
 
-    steps = Steps(total=4 if args.no_verify else 5, quiet=args.quiet)
-    steps(f"loading checkpoint {args.checkpoint}")
-    checkpoint = load_checkpoint(args.checkpoint)
-    config = checkpoint.config
-    if not args.quiet:
-        print(f"      width {config.embed_dim}, {config.depth} blocks, {config.num_cameras} cameras, "
-              f"{config.num_identities} training identities -> {config.embedding_dim}-d embeddings",
-              file=sys.stderr)
-    model = export_model(checkpoint, args.heatmap_mode, args.precision, opset, step=steps,
-                         target_cpu=args.target_cpu)
-    # Verify the bytes that will be installed, then rename them into place.
-    with atomic_output(output) as staging:
-        write_model_atomically(model, staging)
-        if not args.no_verify:
-            steps(f"verifying against the reference model in ONNX Runtime ({args.verify_clips} clips)")
-            if not args.quiet:
-                print(f"      on {cpu_isa().describe()}", file=sys.stderr)
-            report = verify_onnx(staging, load_reference_model(checkpoint), args.heatmap_mode,
-                                 args.precision, args.verify_clips)
-            steps.done()
-            print(report.table())
-            if not report.passed:
-                raise KeyreidError(f"the exported model failed verification ({'; '.join(report.failures())}); "
-                                   f"nothing was written. Re-run with --no-verify to keep it anyway")
-    steps.done()
-    size = output.stat().st_size / 2 ** 20
-    metadata = read_metadata({entry.key: entry.value for entry in model.metadata_props}, output)
+    try:
+        exported = export_onnx(args.checkpoint, output, heatmap_mode=args.heatmap_mode, precision=args.precision,
+                               target_cpu=args.target_cpu, opset=args.opset, verify=not args.no_verify,
+                               verify_clips=args.verify_clips, progress=not args.quiet)
+    except VerificationFailed as exc:
+        print(exc.report.table())
+        raise
+    if exported.report is not None:
+        print(exported.report.table())
+    metadata = exported.metadata
     made_for = f" for {metadata.int8_target_cpu} CPUs" if metadata.int8_target_cpu else ""
-    print(f"wrote {output} ({size:.1f} MiB, {args.precision}{made_for}, heatmap mode {args.heatmap_mode}, "
-          f"opset {opset})")
+    print(f"wrote {output} ({exported.size_mib:.1f} MiB, {args.precision}{made_for}, heatmap mode "
+          f"{args.heatmap_mode}, opset {metadata.opset})")
     if metadata.int8_target_cpu == "avx2" and not cpu_isa().vnni:
         print(AVX2_SPEED_NOTE)
     return 0

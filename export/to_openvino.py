@@ -34,7 +34,7 @@ verification against the fp32 file, both in OpenVINO at f32, on sample clips
 (keyreid/tolerances.py, row int8): {describe_row("int8")}
 
 exit status: 0 written and verified; 1 bad input or failed verification (nothing written);
-130 interrupted, 143 terminated (nothing written, no temporary file left)."""
+2 wrong command-line usage; 130 interrupted, 143 terminated (nothing written, no temporary file left)."""
 
 # NNCF's codes are full 8-bit: exact where int8 sums are 32-bit (VNNI, AMX), like the ONNX
 # Runtime vnni recipe (keyreid/int8_targets.py); the engine says so on a CPU without VNNI.

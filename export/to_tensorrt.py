@@ -32,7 +32,10 @@ check a new build on the device against ONNX Runtime; compare.py takes the toler
 plan's precision from keyreid/tolerances.py (an fp32 plan computes in TF32: its row is tf32):
   python runtime/compare.py --engine MODEL.plan --engine MODEL.onnx
 
-exit status: 0 built; 1 bad input, no TensorRT or GPU, or a failed build (nothing written)."""
+install: pip install "keyreid[gpu,export]" (TensorRT, cuda-python, onnx), on the GPU that will serve.
+
+exit status: 0 built; 1 bad input (an int8 file among it), no TensorRT or GPU, or a failed
+build (nothing written); 2 wrong command-line usage."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--opt-batch", type=positive_int, default=8, metavar="N",
                        help="batch TensorRT tunes for (default: %(default)d)")
     group.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
-                       help="largest batch; the runtime splits bigger ones (default: %(default)d)")
+                       help="largest batch, in clips: the top of the plan's profile; the runtime splits "
+                            "bigger calls (default: %(default)d)")
     parser.add_argument("--workspace", type=positive_int, default=4096, metavar="MiB",
                         help="most scratch GPU memory a layer may use while building (default: %(default)d)")
     parser.add_argument("--timing-cache", type=Path, metavar="FILE",
                         help="reuse and update this timing cache, making rebuilds on one device faster")
     parser.add_argument("--plugin", choices=("aot", "none"), default="aot",
-                        help="how the keypoint op runs (default: %(default)s; see below)")
+                        help="how the plan runs the keypoint op: aot compiles keyreid's kernel into it, none "
+                             "builds the op from standard layers (default: %(default)s; see below). Not "
+                             "a plugin library: keyreid's plans need none")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return parser
 

@@ -52,7 +52,7 @@ class RepositoryOptions:
     max_batch: Optional[int] = None            # None: the plan's build maximum, else DEFAULT_MAX_BATCH
     max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     instances: int = 1
-    kind: str = "gpu"
+    kind: Optional[str] = None                 # "gpu" or "cpu"; None: the model's (instance_kind)
     version: int = 1
 
 
@@ -124,6 +124,23 @@ def _warmup_entry(spec: TensorSpec) -> str:
             f"dims: {_dims(wire_dims(spec.shape))} {source} }} }}")
 
 
+def instance_kind(description: ModelDescription, requested: Optional[str]) -> str:
+    """Where the model's instances run: ``requested`` ("gpu", "cpu"), checked against the model,
+    or for None the model's own: CPU for an int8 ONNX file (its quantised operators are ONNX
+    Runtime CPU kernels), else GPU."""
+    if description.kind == "plan":
+        if requested == "cpu":
+            raise KeyreidError(f"{description.path}: a TensorRT plan runs on a GPU only; use --kind gpu")
+        return "gpu"
+    if description.parameters.get("precision") == "int8":
+        if requested == "gpu":
+            raise KeyreidError(f"{description.path} is an int8 file: its quantised operators are ONNX Runtime "
+                               "CPU kernels, so it is served on CPUs; use --kind cpu (the default for int8 "
+                               "files), or export fp16 or fp32 for GPUs")
+        return "cpu"
+    return requested or "gpu"
+
+
 def resolve_max_batch(description: ModelDescription, options: RepositoryOptions) -> int:
     if description.plan_max_batch is None:
         return options.max_batch or DEFAULT_MAX_BATCH
@@ -151,7 +168,8 @@ def render_config(description: ModelDescription, options: RepositoryOptions) -> 
         f"  preferred_batch_size: {_dims(preferred)}",
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
         "}",
-        f"instance_group [ {{ count: {options.instances} kind: {INSTANCE_KINDS[options.kind]} }} ]",
+        f"instance_group [ {{ count: {options.instances} "
+        f"kind: {INSTANCE_KINDS[instance_kind(description, options.kind)]} }} ]",
         "model_warmup [", "  {", '    name: "one_clip"', "    batch_size: 1",
         *[_warmup_entry(spec) for spec in INPUTS], "  }", "]",
     ]
@@ -218,8 +236,7 @@ def warmup_crop_size() -> bytes:
 def write_repository(description: ModelDescription, repository: Path, options: RepositoryOptions,
                      step=lambda message: None) -> Path:
     """Write DIR/NAME/{config.pbtxt, VERSION/model.*, warmup/} and return DIR/NAME."""
-    if description.kind == "plan" and options.kind == "cpu":
-        raise KeyreidError(f"{description.path}: a TensorRT plan runs on a GPU only; use --kind gpu")
+    instance_kind(description, options.kind)
     text = render_config(description, options)
     validate_config(text, description.output_specs)
     model_dir = repository / options.name

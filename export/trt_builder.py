@@ -35,6 +35,8 @@ AOT_PLUGIN_MIN_VERSION = (10, 9)      # tensorrt.plugin with aot_impl
 PLUGIN_MODES = ("aot", "none")
 TENSORRT_PRECISIONS = ("fp32", "fp16")   # int8 ONNX files use ONNX Runtime's CPU-only quantised ops
 DEFAULT_WORKSPACE_MIB = 4096
+# Building needs the export extra too (onnx reads the file's metadata and functions).
+BUILD_EXTRAS = ("gpu,export", "building TensorRT engines")
 
 
 @dataclass(frozen=True)
@@ -69,16 +71,21 @@ def profile_shapes(options: BuildOptions) -> Dict[str, Tuple[Tuple[int, ...], ..
 
 def onnx_metadata(onnx_path: Path) -> Dict[str, str]:
     """The ONNX file's metadata_props (checked against keyreid/model_metadata.py), for the sidecar."""
-    onnx = require("onnx")
+    onnx = require("onnx", needed_for=BUILD_EXTRAS)
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:   # protobuf raises its own DecodeError types
         raise KeyreidError(f"{onnx_path}: cannot be read as an ONNX model: {exc}") from exc
     metadata = {entry.key: entry.value for entry in model.metadata_props}
     precision = read_metadata(metadata, onnx_path).precision
+    if precision == "int8":
+        raise KeyreidError(f"{onnx_path} is an int8 file: its quantised operators are ONNX Runtime CPU "
+                           "kernels, so it cannot become a TensorRT engine. Export the checkpoint with "
+                           "to_onnx.py --precision fp16 (or fp32) for TensorRT; run the int8 file on a CPU "
+                           "(infer.py --engine FILE)")
     if precision not in TENSORRT_PRECISIONS:
         raise KeyreidError(f"{onnx_path}: precision {precision!r} cannot be built by TensorRT; export "
-                           f"with to_onnx.py --precision fp32 or fp16 (int8 files are for ONNX Runtime on CPUs)")
+                           f"with to_onnx.py --precision fp32 or fp16")
     return metadata
 
 
@@ -88,7 +95,7 @@ def version_tuple(version: str) -> Tuple[int, int]:
 
 
 def _tensorrt():
-    trt = require("tensorrt")
+    trt = require("tensorrt", needed_for=BUILD_EXTRAS)
     if version_tuple(trt.__version__)[0] < MIN_TENSORRT_MAJOR:
         raise KeyreidError(f"TensorRT {trt.__version__} is too old: keyreid builds with TensorRT "
                            f"{MIN_TENSORRT_MAJOR} or newer")
@@ -97,7 +104,7 @@ def _tensorrt():
 
 def _gpu_facts(trt):
     """This GPU and TensorRT, or one sentence saying there is no GPU."""
-    cudart = require("cuda.bindings.runtime")
+    cudart = require("cuda.bindings.runtime", needed_for=BUILD_EXTRAS)
     error, count = cudart.cudaGetDeviceCount()
     if error != cudart.cudaError_t.cudaSuccess or count < 1:
         raise KeyreidError("no CUDA GPU is visible: TensorRT builds an engine for the GPU it runs on, "
@@ -145,7 +152,7 @@ def _progress_monitor(trt, say: Callable[[str], None]):
 def _model_without_op_function(onnx_path: Path) -> bytes:
     """The ONNX file with the KeypointPartPool local function dropped, so a parser that would
     prefer the function falls back to the plugin (found by the node's plugin_namespace)."""
-    onnx = require("onnx")
+    onnx = require("onnx", needed_for=BUILD_EXTRAS)
     model = onnx.load(str(onnx_path))
     kept = [function for function in model.functions if (function.domain, function.name) != (OP_DOMAIN, OP_NAME)]
     del model.functions[:]
@@ -180,10 +187,11 @@ def build_plan(onnx_path: Path, plan_path: Path, options: BuildOptions,
     problems = options.problems()
     if problems:
         raise KeyreidError("; ".join(problems))
-    trt = _tensorrt()
-    here, cuda_version = _gpu_facts(trt)
+    # The file first: an int8 or foreign file is refused for what it is, before asking for TensorRT.
     step(f"reading {onnx_path}")
     metadata = onnx_metadata(onnx_path)
+    trt = _tensorrt()
+    here, cuda_version = _gpu_facts(trt)
     onnx_sha256 = file_sha256(onnx_path)
     if options.plugin == "aot":
         _register_aot_plugin(trt, here.compute_capability)

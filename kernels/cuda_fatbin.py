@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence
 
-from keyreid.cli import run_main
+from keyreid.cli import program_name, run_main
 from keyreid.errors import KeyreidError
 from keyreid.files import write_bytes
 from keyreid.kernels import cuda_compilers
@@ -105,13 +105,14 @@ def resource_table(resources: Sequence[KernelResources]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Build the fused KeypointPartPool kernel for every "
+    parser = argparse.ArgumentParser(prog=program_name("cuda_fatbin.py"), description="Build the fused KeypointPartPool kernel for every "
                                                  "supported GPU architecture (PTX and cubins in one fatbin).")
     parser.add_argument("output", type=Path, help="fatbin to write, e.g. build/keypoint_part_pool.fatbin")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="parallel ptxas jobs (default: 1; more is faster but can mix up the spill report)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="parallel compile jobs, nvcc's --threads (default: 1; more is faster but can mix "
+                             "up the spill report). Not inference threads, which the runtime's --threads sets")
     args = parser.parse_args(argv)
-    resources = build_fatbin(args.output, threads=args.threads)
+    resources = build_fatbin(args.output, threads=args.jobs)
     print(resource_table(resources))
     spilling = [f"{item.function} on {item.arch}" for item in resources if item.spill_stores or item.spill_loads]
     if spilling:

@@ -2,6 +2,8 @@
 
     python -m keyreid.demo [DIR] [--reduced]
 
+exit status: 0 done; 1 a step failed or DIR cannot be used; 2 wrong command-line usage.
+
 The checkpoint has random weights (no trained weights can be downloaded here), so the numbers
 mean nothing; the point is the workflow. Every step is one of the real command-line tools, run
 as a module (``python -m keyreid.export.to_onnx ...``, so it works from any install), and the
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from keyreid.cli import program_name
+from keyreid.cli import program_name, run_main
+from keyreid.errors import KeyreidError
+
 
 def write_demo_tracklets(root: Path, identities: int = 4, seed: int = 0) -> None:
     """MARS-style tracklet folders (frames + .pose files) for ``identities`` people on two cameras."""
@@ -41,7 +45,7 @@ def run(module: str, *arguments) -> None:
     started = time.perf_counter()
     result = subprocess.run([sys.executable, *command])
     if result.returncode:
-        raise SystemExit(f"demo step failed (exit {result.returncode}): python {shown}")
+        raise KeyreidError(f"demo step failed (exit {result.returncode}): python {shown}")
     print(f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
@@ -51,10 +55,14 @@ def main(argv=None) -> int:
     parser.add_argument("workdir", nargs="?", type=Path, default=Path("demo"),
                         help="folder for the demo's files (default: demo/ in the current folder)")
     parser.add_argument("--reduced", action="store_true",
-                        help="a narrow model with the same structure: about a minute instead of several")
+                        help="a narrow model with the same structure, several times faster (measured "
+                             "times: README)")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyreidError(f"cannot use {args.workdir} as the demo folder: {exc.strerror or exc}") from exc
     checkpoint = workdir / ("keyreid_random_reduced.pth" if args.reduced else "keyreid_random.pth")
     model = checkpoint.with_suffix(".onnx")
     print("keyreid demo: random weights, synthetic people; the embeddings mean nothing.")
@@ -73,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -14,7 +14,7 @@ from keyreid.cpu_features import cpu_isa
 from keyreid.errors import KeyreidError
 from keyreid.runtime.backends.formats import model_kind
 from keyreid.runtime.backends.declaration import Backend, EngineOption
-from keyreid.runtime.backends.registry import AUTO, BACKENDS, backend_names, choose_backend
+from keyreid.runtime.backends import AUTO, BACKENDS, backend_names, choose_backend
 from keyreid.runtime.backends.base import Engine
 from keyreid.triton import is_triton_url
 from keyreid.runtime.inputs.images import DEFAULT_MAX_FRAME_SIDE
@@ -36,9 +36,17 @@ def _backends_taking(option: EngineOption) -> List[str]:
     return [backend.name for backend in BACKENDS if option in backend.options]
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+RUNNER_MAX_BATCH_HELP = ("largest batch, in clips: the most clips per engine call (default: the engine's "
+                         "maximum, such as a TensorRT plan's profile or a Triton model's max_batch_size; "
+                         "else %d)" % DEFAULT_MAX_BATCH_SIZE)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser,
+                         max_batch_help: str = RUNNER_MAX_BATCH_HELP) -> argparse._ArgumentGroup:
     """The engine options: --backend, the options every backend takes, then each option some
-    backends declare (backends/declaration.py), with its help naming the backends that take it."""
+    backends declare (backends/declaration.py), with its help naming the backends that take it.
+    ``max_batch_help`` says what --max-batch bounds in this tool (every tool's --max-batch is its
+    largest batch, in clips)."""
     group = parser.add_argument_group("engine options")
     group.add_argument("--backend", action="append", choices=(AUTO,) + backend_names(), metavar="NAME",
                        help="what runs the model: " + "; ".join(f"{backend.name}: {backend.summary}"
@@ -46,14 +54,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                             + "; auto (default): the first of these that runs the model and takes every "
                               "flag given (.onnx: ONNX Runtime, or OpenVINO with --inference-precision). "
                               "compare.py takes it once for every --engine or once per --engine")
-    group.add_argument("--max-batch", type=positive_int, metavar="N",
-                       help="most clips per engine call (default: the engine's maximum, else %d; a "
-                            "TensorRT engine runs a bigger call in pieces of its profile's maximum)"
-                            % DEFAULT_MAX_BATCH_SIZE)
+    group.add_argument("--max-batch", type=positive_int, metavar="N", help=max_batch_help)
     group.add_argument("--num-cameras", type=positive_int, metavar="C",
                        help="cameras the model knows, for the camera range check (default: the "
-                            "ONNX metadata, or the TensorRT plan's sidecar; a Triton server does not "
-                            "publish it)")
+                            "model's metadata; a server that publishes none, such as serve_triton.py's, "
+                            "needs it for any camera but -1)")
     for option in _backend_options():
         takers = _backends_taking(option)
         extra = {"action": "append", "default": []} if option.repeatable else {}

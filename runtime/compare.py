@@ -36,7 +36,7 @@ from keyreid.runtime.serving.pipeline import load_tracklet_clips
 from keyreid.plan_sidecar import check_built_from, read_sidecar
 from keyreid.runtime.inputs.poses import PoseTally
 from keyreid.runtime.serving.runner import DEFAULT_MAX_BATCH_SIZE
-from keyreid.runtime.inputs.tracklets import discover_tracklets
+from keyreid.runtime.inputs.tracklets import DEFAULT_CAMERA, discover_tracklets
 from keyreid.synthetic import synthetic_feed
 
 DESCRIPTION = """\
@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--clips", type=positive_int, metavar="N",
                         help=f"synthetic clips to make, or the most clips taken from --tracklets "
                              f"(default: {DEFAULT_CLIPS} synthetic; all clips of the tracklets)")
-    inputs.add_argument("--camera", type=int, default=0, metavar="N",
-                        help="camera of --tracklets tracklets without one (default: %(default)s)")
+    inputs.add_argument("--camera", type=int, default=None, metavar="N",
+                        help=f"camera of --tracklets tracklets without one (default: {DEFAULT_CAMERA})")
     inputs.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips (default: 0)")
     add_frame_limit_argument(inputs)
     checks = parser.add_argument_group("tolerances")
@@ -180,7 +180,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--reference brings its own clips; --tracklets and --clips apply to two engines")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
         parser.error("--min-agreement is a fraction between 0 and 1")
-    if args.camera != 0 and args.tracklets is None:
+    if args.camera is not None and args.tracklets is None:
         parser.error("--camera applies to --tracklets only")
 
 
@@ -243,10 +243,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             feed = reference.feed
             source = f"{len(feed['camera'])} clips of {args.reference}"
         elif args.tracklets is not None:
-            reason = camera_problem(args.camera, engine.num_cameras)
+            # A camera not given is checked with the clips, by the engine, naming --num-cameras.
+            reason = camera_problem(args.camera, engine.num_cameras) if args.camera is not None else None
             if reason:
-                raise KeyreidError(f"--camera: {reason}")
-            feed = tracklet_clips(args.tracklets, args.clips, args.camera, args.max_frame_side)
+                raise KeyreidError(f"--camera {args.camera}: {reason}")
+            feed = tracklet_clips(args.tracklets, args.clips, DEFAULT_CAMERA if args.camera is None else args.camera,
+                                  args.max_frame_side)
             source = f"{len(feed['camera'])} clips from {args.tracklets}"
         else:
             feed = synthetic_feed(args.clips or DEFAULT_CLIPS, engine.num_cameras, args.seed)

@@ -27,7 +27,8 @@ from keyreid.runtime.results.query_gallery import QueryGalleryResult, evaluate_q
 from keyreid.runtime.inputs.poses import PoseTally
 from keyreid.files import check_distinct_outputs, check_not_among, check_writable, write_bytes, write_json, write_npz
 from keyreid.runtime.serving.runner import Runner
-from keyreid.runtime.inputs.tracklets import MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan, discover_tracklets
+from keyreid.runtime.inputs.tracklets import (DEFAULT_CAMERA, MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan,
+                                              discover_tracklets)
 
 DESCRIPTION = """\
 Run a KeyRe-ID engine (.onnx on ONNX Runtime or OpenVINO, .plan/.engine/.trt on TensorRT, or a
@@ -52,7 +53,7 @@ tracklet folders (--tracklets, --query, --gallery):
                                           in pixels of the frame (OpenPifPaf output)
   DIR/<tracklet>/keypoints.json           or: COCO keypoint results for the folder's frames
                                           (MMPose, YOLO-pose, OpenPifPaf), matched by
-                                          "file_name"/"image_id"; see README
+                                          "file_name"/"image_id"; see docs/usage.md
   {('DIR/' + MANIFEST_NAME).ljust(40)}optional: columns tracklet,pid,camera
   Identity and camera come from the manifest, else from MARS-style frame names
   (0001C2T0003F001.jpg: pid 1, camera 1), else pid -1 (unknown) and --camera.
@@ -101,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keypoints", type=Path, metavar="DIR",
                         help="MARS pose files as <pid>/<frame stem>.pose (default: "
                              "ROOT/keypoints/bbox_test, where upstream's extraction script puts them)")
-    parser.add_argument("--camera", type=int, default=0, metavar="N",
+    parser.add_argument("--camera", type=int, default=None, metavar="N",
                         help="camera of tracklets the manifest and frame names say nothing about; "
-                             "-1 = unseen camera (mean camera embedding) (default: %(default)s)")
+                             f"-1 = unseen camera (mean camera embedding) (default: {DEFAULT_CAMERA})")
     parser.add_argument("-o", "--output", type=Path, metavar="OUT.npz", help="write the tracklet embeddings")
     parser.add_argument("--report", type=Path, metavar="OUT.json", help="write the metrics as JSON")
     parser.add_argument("--ranking-png", type=Path, metavar="OUT.png", help="draw the ranking of a few queries")
@@ -137,13 +138,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         ("--gallery", args.gallery is not None, mode == "query_gallery"),
         ("--root", args.root is not None, mode == "mars"),
         ("--keypoints", args.keypoints is not None, mode == "mars"),
-        ("--camera", args.camera != 0, mode != "mars"),
+        ("--camera", args.camera is not None, mode != "mars"),
         ("--report", args.report is not None, mode != "tracklets"),
         ("--ranking-png", args.ranking_png is not None, mode != "tracklets"),
     ) if given and not allowed]
     if wrong:
         parser.error(f"{', '.join(wrong)} cannot be used with {'--dataset mars' if mode == 'mars' else '--' + mode.split('_')[0]}")
-    if args.camera < MEAN_CAMERA:
+    if args.camera is not None and args.camera < MEAN_CAMERA:
         parser.error(f"--camera must be a 0-based camera index or {MEAN_CAMERA} (unseen camera), got {args.camera}")
     if args.ranking_queries < 1:
         parser.error("--ranking-queries must be at least 1")
@@ -182,11 +183,12 @@ class Sets:
 
 def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
     sets = Sets()
+    camera = DEFAULT_CAMERA if args.camera is None else args.camera
     if mode == "tracklets":
-        sets.add_scan("tracklets", discover_tracklets(args.tracklets, default_camera=args.camera))
+        sets.add_scan("tracklets", discover_tracklets(args.tracklets, default_camera=camera))
     elif mode == "query_gallery":
         for name, root in (("query", args.query), ("gallery", args.gallery)):
-            sets.add_scan(name, discover_tracklets(root, default_camera=args.camera), prefix=f"{name}/")
+            sets.add_scan(name, discover_tracklets(root, default_camera=camera), prefix=f"{name}/")
     else:
         from keyreid.runtime.inputs.mars import MARS_FILES, load_mars_test
         split = load_mars_test(args.root, args.keypoints)
@@ -202,6 +204,24 @@ def find_tracklets(args: argparse.Namespace, mode: str) -> Sets:
             raise KeyreidError(f"{args.root}: the MARS test split has {len(split.query)} query and "
                                f"{len(split.gallery)} gallery tracklets; it needs both")
     return sets
+
+
+def check_cameras(given_camera: Optional[int], tracklets: Sequence[Tracklet], num_cameras: Optional[int]) -> None:
+    """One error before anything runs when the cameras cannot be fed to the engine, naming the
+    flag to add: a --camera given out of range, or camera indices (from names, a manifest or the
+    default) for an engine that does not record how many cameras it knows."""
+    if given_camera is not None:
+        reason = camera_problem(given_camera, num_cameras)
+        if reason:
+            raise KeyreidError(f"--camera {given_camera}: {reason}")
+    if num_cameras is None:
+        indexed = sorted({tracklet.camera for tracklet in tracklets} - {MEAN_CAMERA})
+        if indexed:
+            raise KeyreidError(
+                f"the engine does not record how many cameras it knows (an ONNX file without num_cameras "
+                f"metadata, or a model served through PyTriton), so camera {indexed[0]} of the tracklets "
+                f"cannot be checked: add --num-cameras C (the cameras the model was trained with), or "
+                f"--camera {MEAN_CAMERA} to run tracklets without a camera on the mean camera embedding")
 
 
 def print_summary(run: TrackletRun, failures: List[TrackletFailure], sets: Sets) -> None:
@@ -284,9 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     steps(f"loading engine {args.engine}")
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:
-        reason = camera_problem(args.camera, engine.num_cameras)
-        if reason:
-            raise KeyreidError(f"--camera: {reason}")
+        check_cameras(args.camera, tracklets, engine.num_cameras)
         if not args.quiet:
             print(f"      {engine_banner(engine)}; {cpu_banner()}", file=sys.stderr, flush=True)
         steps(f"running {len(tracklets)} tracklets ({total_clips(tracklets)} clips)")

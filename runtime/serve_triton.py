@@ -23,8 +23,10 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 import sysconfig
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -40,6 +42,30 @@ from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS
                             preferred_batch_sizes, wire_dims)
 
 EXIT_TIMEOUT_S = 5          # longest the server waits for in-flight requests when stopping
+MAX_LOG_LINES_SHOWN = 8     # of the server's log, on a failed start
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    """A port another process listens on, as one error naming the flag, at once: the bundled
+    server would otherwise log the clash, wait a minute for readiness and only then fail."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise KeyreidError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                               f"choose another {flag}") from exc
+
+
+def _relevant_log_lines(log_file: Path) -> list:
+    """The lines of the server's log that say why it failed: its error (E) lines, else its last
+    lines. The log is a glog stream: a severity letter, a timestamp, the source, the message."""
+    try:
+        lines = [line.rstrip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+    errors = [line for line in lines if line.startswith("E")]
+    return (errors or lines)[-MAX_LOG_LINES_SHOWN:]
 
 
 @contextlib.contextmanager
@@ -81,7 +107,8 @@ def triton_server(engine: Engine, *, name: str = DEFAULT_MODEL_NAME, host: str =
         access_token: the token that unlocks the server's administrative endpoints (statistics,
             model repository, logging), sent as the ``triton-access-token`` header; default a
             random one that nobody is told, which keeps them locked.
-        verbose: pass the server's own log through.
+        verbose: pass the server's own log through; otherwise it goes to a temporary file, and
+            a failed start quotes its error lines.
 
     Yields PyTriton's ``Triton`` object.
     """
@@ -100,29 +127,40 @@ def triton_server(engine: Engine, *, name: str = DEFAULT_MODEL_NAME, host: str =
     def tensors(specs) -> list:
         return [Tensor(name=spec.name, dtype=spec.dtype.type, shape=wire_dims(spec.shape)) for spec in specs]
 
-    config = pytriton.TritonConfig(
-        http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
-        allow_metrics=False, log_verbose=1 if verbose else 0, exit_on_error=True,
-        exit_timeout_secs=EXIT_TIMEOUT_S)
-    model_config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(
-        max_queue_delay_microseconds=max_queue_delay_us, preferred_batch_size=preferred_batch_sizes(max_batch)))
-    security = pytriton.TritonSecurityConfig(access_token=access_token)
-    server = pytriton.Triton(config=config, workspace=workspace, security_config=security)
-    try:
-        server.bind(model_name=name, infer_func=infer, inputs=tensors(engine.input_specs),
-                    outputs=tensors(engine.output_specs), config=model_config, strict=True)
-        with _python_library_first():
-            server.run()
-    except KeyreidError:
-        server.stop()
-        raise
-    except Exception as exc:   # PyTriton raises its own types, with the server's log in the message
-        server.stop()
-        raise KeyreidError(f"the Triton server did not start: {str(exc).strip().splitlines()[0]}") from exc
-    try:
-        yield server
-    finally:
-        server.stop()
+    with contextlib.ExitStack() as cleanup:
+        # Without verbose the server's log (dozens of lines, CUDA complaints on a CPU machine
+        # among them) goes to a file that lives as long as the server; a failed start quotes it.
+        log_file = None if verbose else \
+            Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="keyreid-triton-"))) / "tritonserver.log"
+        config = pytriton.TritonConfig(
+            http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+            allow_metrics=False, log_verbose=1 if verbose else 0, log_file=log_file, exit_on_error=True,
+            exit_timeout_secs=EXIT_TIMEOUT_S)
+        model_config = ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(
+            max_queue_delay_microseconds=max_queue_delay_us, preferred_batch_size=preferred_batch_sizes(max_batch)))
+        security = pytriton.TritonSecurityConfig(access_token=access_token)
+        server = pytriton.Triton(config=config, workspace=workspace, security_config=security)
+        try:
+            server.bind(model_name=name, infer_func=infer, inputs=tensors(engine.input_specs),
+                        outputs=tensors(engine.output_specs), config=model_config, strict=True)
+            with _python_library_first():
+                server.run()
+        except Exception as exc:
+            # A server that failed half way can fail to stop too (it may have reached another
+            # server on the same port); the start's failure is the one to report.
+            with contextlib.suppress(Exception):
+                server.stop()
+            if isinstance(exc, KeyreidError):
+                raise
+            # PyTriton raises its own types, with the server's log in the message
+            quoted = _relevant_log_lines(log_file) if log_file is not None else []
+            raise KeyreidError(f"the Triton server did not start: {str(exc).strip().splitlines()[0]}"
+                               + "".join(f"\n  server log: {line}" for line in quoted)
+                               + ("\n  (-v shows the whole log)" if quoted else "")) from exc
+        try:
+            yield server
+        finally:
+            server.stop()                   # before its log folder goes
 
 
 DESCRIPTION = """\
@@ -135,8 +173,11 @@ For a Triton container, write a model repository with export/to_triton.py instea
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=program_name("serve_triton.py"), formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
-        epilog="Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).")
+        prog=program_name("serve_triton.py"), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
+        epilog="Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).\n\n"
+               "exit status: 0 stopped; 1 bad input (engine file, a port in use, a server that did not\n"
+               "start); 2 wrong command-line usage.")
     parser.add_argument("--engine", type=Path, required=True, metavar="FILE",
                         help="the model to serve: .onnx or .plan/.engine/.trt")
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name on the server (default: %(default)s)")
@@ -148,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="HTTP/REST port (default: %(default)s)")
     parser.add_argument("--max-queue-delay-us", type=positive_int, default=DEFAULT_QUEUE_DELAY_US, metavar="US",
                         help="longest a request waits for a fuller batch (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the server's log")
-    add_engine_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the server's log (without -v: a status line, and on a failed start "
+                             "the log's error lines)")
+    add_engine_arguments(parser, max_batch_help=(
+        "largest batch, in clips: the served model's max_batch_size, the most clips the server puts "
+        f"in one batch (default: the engine's maximum, else {DEFAULT_MAX_BATCH})"))
     return parser
 
 
@@ -157,10 +202,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_engine_arguments(parser, args, [args.engine])
+    if args.grpc_port == args.http_port:
+        parser.error(f"--grpc-port and --http-port are both {args.grpc_port}; give two ports")
+    for flag, port in (("--grpc-port", args.grpc_port), ("--http-port", args.http_port)):
+        check_port_free(args.host, port, flag)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with open_engine(args.engine, **engine_options(args, args.engine)) as engine:
         max_batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH
+        print(f"starting the Triton server ({'its log follows' if args.verbose else '-v shows its log'})",
+              file=sys.stderr, flush=True)
         with triton_server(engine, name=args.name, host=args.host, grpc_port=args.grpc_port,
                            http_port=args.http_port, max_batch=max_batch,
                            max_queue_delay_us=args.max_queue_delay_us, verbose=args.verbose):

@@ -100,3 +100,15 @@ def test_pytest_benchmark_suite_runs_once_through():
                             timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+def test_run_writes_to_the_current_folder_not_to_the_committed_results(tmp_path):
+    """benchmarks/run.py's default output is ./keyreid-bench/; benchmarks/results/ changes only
+    when asked for (--output-dir). A bad checkpoint stops it after it checked where it writes."""
+    committed = {path.name: path.read_bytes() for path in (BENCHMARKS / "results").iterdir()}
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--checkpoint", "bad.pth", "--no-runner"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith("error: bad.pth"), result.stderr
+    assert (tmp_path / "keyreid-bench").is_dir()
+    assert {path.name: path.read_bytes() for path in (BENCHMARKS / "results").iterdir()} == committed

@@ -133,9 +133,9 @@ def test_huge_coco_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
         read_coco_keypoints(path, ["000000.png"])
 
 
-def test_readme_example_file_picks_the_tracked_person_over_the_passer_by(tmp_path):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Keypoints from common pose tools"):]
+def test_documented_example_file_picks_the_tracked_person_over_the_passer_by(tmp_path):
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    section = usage[usage.index("## Keypoint files"):]
     path = tmp_path / COCO_FILE_NAME
     path.write_text(re.search(r"```json\n(.*?)```", section, re.S).group(1))
     keypoints = read_coco_keypoints(path, ["0001.jpg"])["0001.jpg"].select(CROP)

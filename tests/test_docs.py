@@ -127,7 +127,52 @@ def test_links_to_contract_headings_resolve():
 
 def test_readme_links_the_documentation():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "](docs/contract.md)" in readme and "](docs/architecture.md)" in readme
+    linked = set(MARKDOWN_LINK.findall(readme))
+    pages = {f"docs/{path.name}" for path in (REPO / "docs").glob("*.md")}
+    assert pages <= linked, f"pages the README does not link: {sorted(pages - linked)}"
+
+
+# --- the documents stand alone --------------------------------------------------------------------
+
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+# Places outside the repository a document could name: absolute folders of a machine, a home.
+FOREIGN_PATH = re.compile(r"(?<![\w.$])(?:/(?:work|tmp|root|home|usr|etc|opt|mnt)/|~/)")
+
+
+def documents():
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "RESULTS.md"]
+
+
+def heading_anchors(path: Path) -> set:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return {github_anchor(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+
+
+def test_every_link_between_documents_resolves_inside_the_repository():
+    broken = []
+    for document in documents():
+        for target in MARKDOWN_LINK.findall(document.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+://|mailto:", target):
+                continue
+            name, _, anchor = target.partition("#")
+            linked = (document.parent / name).resolve() if name else document
+            inside = linked == REPO or REPO in linked.parents
+            if not inside or not linked.exists() or (anchor and linked.suffix == ".md"
+                                                     and anchor not in heading_anchors(linked)):
+                broken.append(f"{document.relative_to(REPO)}: {target}")
+    assert broken == []
+
+
+def test_no_document_names_a_path_outside_the_repository():
+    found = [f"{document.relative_to(REPO)}: {match.group(0)}" for document in documents()
+             for match in FOREIGN_PATH.finditer(document.read_text(encoding="utf-8"))]
+    assert found == []
+
+
+def test_the_link_and_path_checks_see_what_they_look_for():
+    assert MARKDOWN_LINK.findall("see [a](docs/usage.md#x) and [b](../y.md)") == ["docs/usage.md#x", "../y.md"]
+    assert [m.group(0) for m in FOREIGN_PATH.finditer("in /work/notes, ~/.cache, $PWD/models:/models")] == \
+        ["/work/", "~/"]
 
 
 # --- the numbers --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """The exported ONNX model computes what the checkpoint computes and honours docs/contract.md §6."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,9 +158,12 @@ def test_int8_variant_keeps_the_op_and_meets_its_tolerance(reduced_onnx, reduced
 def test_cli_mean_mode_int8_exports_verifies_and_runs(reduced_checkpoint, reduced_model, tmp_path, rng, capsys):
     output = tmp_path / "mean_int8.onnx"
     assert to_onnx([str(reduced_checkpoint), "-o", str(output), "--heatmap-mode", "mean",
-                    "--precision", "int8", "--quiet"]) == 0
-    printed = capsys.readouterr().out
+                    "--precision", "int8"]) == 0
+    printed, progress = capsys.readouterr()
     assert "cosine" in printed and "[ok]" in printed and "FAIL" not in printed
+    # Every step is counted and shown, and nothing but progress reaches stderr (no quantiser hints).
+    assert re.findall(r"^\[(\d)/(\d)\]", progress, re.M) == [(str(step), "5") for step in range(1, 6)]
+    assert [line for line in progress.splitlines() if not line.startswith(("[", " "))] == []
     assert sorted(path.name for path in tmp_path.iterdir()) == ["mean_int8.onnx"]
     metadata = {entry.key: entry.value for entry in onnx.load(str(output)).metadata_props}
     assert (metadata["heatmap_mode"], metadata["precision"]) == ("mean", "int8")

@@ -1,4 +1,4 @@
-"""The README's offline GPU install line, run as written in a fresh virtual environment that
+"""The offline GPU install line of docs/gpu.md, run as written in a fresh virtual environment that
 sees this environment's packages (as a GPU image has torch and the rest preinstalled) and
 reaches no package index: keyreid must import from the clone afterwards, and the GPU check's
 help and the kernel tests must run from that install."""
@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 DEAD_PROXY = "http://127.0.0.1:9"
 
 
-def readme_gpu_install_command() -> str:
-    """The pip part of the README's offline GPU line (before its '&&')."""
-    lines = [line for line in (REPO / "README.md").read_text().splitlines()
+def gpu_install_command() -> str:
+    """The pip part of docs/gpu.md's offline GPU line (before its '&&')."""
+    lines = [line for line in (REPO / "docs" / "gpu.md").read_text().splitlines()
              if line.startswith("python3 -m pip install") and "--no-index" in line]
-    assert len(lines) == 1, f"expected one offline GPU install line in README.md, found {lines}"
+    assert len(lines) == 1, f"expected one offline GPU install line in docs/gpu.md, found {lines}"
     return lines[0].split("&&")[0].strip()
 
 
@@ -66,7 +66,7 @@ def test_readme_offline_gpu_install_line_installs_keyreid_with_nothing_to_downlo
     assert before.returncode != 0 and "No module named 'keyreid'" in before.stderr, \
         "keyreid is importable before the install, so the test could not tell which install it uses"
 
-    install = run(readme_gpu_install_command(), env, REPO, timeout=300)
+    install = run(gpu_install_command(), env, REPO, timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
 
     imported = run(["python3", "-c", IMPORT_CHECK], env, elsewhere)

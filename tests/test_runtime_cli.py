@@ -423,7 +423,22 @@ def test_bad_engine_file_is_a_one_line_error(toy_model, good_pair, tmp_path, cap
 def test_camera_option_out_of_range_is_a_clear_error(toy_model, good_pair, tmp_path, capsys):
     assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz",
                      "--camera", "6", "-q") == 1
-    assert "error: --camera: camera 6 is out of range: this model takes 0..5" in capsys.readouterr().err
+    assert "error: --camera 6: camera 6 is out of range: this model takes 0..5" in capsys.readouterr().err
+
+
+def test_an_engine_without_a_camera_count_asks_for_num_cameras_not_for_an_unpassed_camera(
+        good_pair, tmp_path, capsys):
+    """As a PyTriton server's model: no camera count published. The error names the flag to add."""
+    engine = build_toy_model(tmp_path / "no_count.onnx", num_cameras=None)
+    argv = ("--engine", engine, "--tracklets", good_pair, "--output", tmp_path / "o.npz", "-q")
+    assert run_infer(*argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the engine does not record how many cameras")
+    assert "add --num-cameras C" in err and "--camera:" not in err
+    assert not (tmp_path / "o.npz").exists()
+    assert run_infer(*argv, "--num-cameras", "6") == 0
+    assert run_infer(*argv, "--camera", "-1", "--output", tmp_path / "mean.npz") == 0
+    assert np.load(tmp_path / "mean.npz")["cameras"].tolist() == [-1, -1]
 
 
 def test_manifest_camera_out_of_range_fails_that_tracklet(toy_model, good_pair, tmp_path, capsys):

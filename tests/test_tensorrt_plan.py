@@ -164,13 +164,36 @@ def test_to_tensorrt_help_works_without_tensorrt():
         assert text in result.stdout
 
 
+def toy_onnx_of_precision(path: Path, precision: str) -> Path:
+    """The toy contract model, its metadata saying ``precision`` (all to_tensorrt.py reads first)."""
+    import onnx
+    from toy_engine_model import build_toy_model
+
+    model = onnx.load(str(build_toy_model(path)))
+    model.metadata_props.add(key="precision", value=precision)
+    onnx.save(model, str(path))
+    return path
+
+
 def test_to_tensorrt_without_tensorrt_says_so_in_one_line_and_writes_nothing(tmp_path):
-    onnx_file = tmp_path / "model.onnx"
-    onnx_file.write_bytes(b"any")
-    result = run_script("export/to_tensorrt.py", onnx_file)
+    onnx_file = toy_onnx_of_precision(tmp_path / "model.onnx", "fp16")
+    result = run_script("export/to_tensorrt.py", onnx_file, "-q")
     assert result.returncode == 1
-    assert result.stderr.splitlines() == ['error: tensorrt is not installed (needed for building and running '
-                                          'TensorRT engines): pip install "keyreid[gpu]"']
+    # Building needs onnx as well as TensorRT: the message and docs/gpu.md name the same extras.
+    install = 'pip install "keyreid[gpu,export]"'
+    assert result.stderr.splitlines() == [f"error: tensorrt is not installed (needed for building "
+                                          f"TensorRT engines): {install}"]
+    assert install in (REPO / "docs" / "gpu.md").read_text()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_to_tensorrt_says_an_int8_file_cannot_become_an_engine_before_asking_for_tensorrt(tmp_path):
+    onnx_file = toy_onnx_of_precision(tmp_path / "model.onnx", "int8")
+    result = run_script("export/to_tensorrt.py", onnx_file, "-q")
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {onnx_file} is an int8 file") and "cannot become a TensorRT engine" in line
+    assert "--precision fp16" in line and "not installed" not in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]
 
 

@@ -9,6 +9,8 @@ TensorRT backend, so the repository itself is checked by parsing config.pbtxt wi
 ModelConfig protobuf (tritonclient) instead of by loading it.
 """
 import json
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +39,7 @@ cv2 = pytest.importorskip("cv2")
 SERVER_MAX_BATCH = 4
 SERVER_QUEUE_DELAY_US = 200_000   # long, so that concurrent requests reliably share a batch
 ACCESS_TOKEN = "keyreid-test-token"   # unlocks the server's statistics endpoint
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -167,6 +170,29 @@ def test_plan_problems_are_one_line_errors_and_write_nothing(tmp_path, capsys, o
     assert not (tmp_path / "repo").exists()
 
 
+def int8_toy_model(path: Path) -> Path:
+    """The toy contract model with an int8 file's precision metadata (what to_triton.py reads)."""
+    import onnx
+    from toy_engine_model import build_toy_model
+
+    model = onnx.load(str(build_toy_model(path)))
+    model.metadata_props.add(key="precision", value="int8")
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_int8_file_is_served_on_cpus_and_refused_for_gpus(tmp_path, capsys):
+    model = int8_toy_model(tmp_path / "int8.onnx")
+    assert run_tool(to_triton, model, "--repository", tmp_path / "repo", "-q") == 0
+    assert "KIND_CPU" in capsys.readouterr().out
+    config = parse_config((tmp_path / "repo" / "keyreid" / "config.pbtxt").read_text())
+    assert grpc_client.model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_CPU"
+    assert run_tool(to_triton, model, "--repository", tmp_path / "gpu_repo", "--kind", "gpu", "-q") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model} is an int8 file") and "--kind cpu" in err and err.count("\n") == 1
+    assert not (tmp_path / "gpu_repo").exists()
+
+
 def test_repository_refuses_to_overwrite_its_own_input(onnx_repository, capsys):
     model = onnx_repository / "1" / "model.onnx"
     before = model.read_bytes()
@@ -222,6 +248,55 @@ def test_infer_through_triton_grpc_equals_the_local_onnx_engine(server, reduced_
     np.testing.assert_array_equal(remote["tracklets"], local["tracklets"])
     relative = np.abs(remote["embeddings"] - local["embeddings"]).max() / np.abs(local["embeddings"]).max()
     assert relative <= 1e-6
+
+
+def test_infer_against_a_server_without_a_camera_count_names_the_flag_to_add(server, tracklets, tmp_path, capsys):
+    assert run_tool(infer, "--engine", server["grpc"], "--tracklets", tracklets, "--output", tmp_path / "o.npz",
+                    "-q") == 1
+    err = capsys.readouterr().err
+    assert "add --num-cameras C" in err and "--camera:" not in err and err.count("\n") == 1
+    assert not (tmp_path / "o.npz").exists()
+
+
+SERVER_LOG_LINE = re.compile(r"^[IWE]\d{4} ", re.M)     # glog: severity, month and day, ...
+
+
+def test_serve_tool_prints_a_status_not_the_server_log(reduced_onnx):
+    serving = subprocess.Popen([sys.executable, str(REPO / "runtime" / "serve_triton.py"), "--engine", reduced_onnx,
+                                "--grpc-port", str(free_port()), "--http-port", str(free_port())],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        status = [serving.stderr.readline() for _ in range(2)]
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        stdout, stderr = serving.communicate(timeout=60)
+    assert status[0].startswith("starting the Triton server (-v shows its log)")
+    assert status[1].startswith("serving ") and "Ctrl-C stops" in status[1]
+    assert serving.returncode == 0 and SERVER_LOG_LINE.findall(stdout + stderr) == []
+
+
+def test_serve_tool_names_the_port_flag_when_the_port_is_taken(server, reduced_onnx, capsys):
+    from keyreid.runtime import serve_triton
+
+    busy_grpc_port = server["grpc_server"].rsplit(":", 1)[1]
+    assert run_tool(serve_triton, "--engine", reduced_onnx, "--grpc-port", busy_grpc_port,
+                    "--http-port", free_port()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --grpc-port {busy_grpc_port}: cannot listen on 127.0.0.1:{busy_grpc_port}")
+    assert err.count("\n") == 1
+
+
+def test_a_failed_start_quotes_the_error_lines_of_the_server_log(tmp_path):
+    from keyreid.runtime.serve_triton import MAX_LOG_LINES_SHOWN, _relevant_log_lines
+
+    log = tmp_path / "tritonserver.log"
+    info = [f'I1207 00:49:01.{index:06d} 7697 server.cc:604] "line {index}"' for index in range(30)]
+    error = 'E1207 00:49:01.423875 7697 main.cc:245] "failed to start GRPC service: Socket in use"'
+    log.write_text("\n".join(info[:20] + [error] + info[20:]) + "\n")
+    assert _relevant_log_lines(log) == [error]
+    log.write_text("\n".join(info) + "\n")          # no error line: the last lines say most
+    assert _relevant_log_lines(log) == info[-MAX_LOG_LINES_SHOWN:]
+    assert _relevant_log_lines(tmp_path / "missing.log") == []
 
 
 def test_compare_tool_finds_the_http_engine_equal_to_the_local_one(server, reduced_onnx, capsys):

@@ -48,8 +48,8 @@ class Backend:
 
 # Options both CPU backends take, declared once.
 THREADS = EngineOption(
-    "--threads", "threads", "threads of the inference library (ONNX Runtime: inside one operator; "
-    "OpenVINO: its inference threads) (default: the library's choice, one per core)",
+    "--threads", "threads", "inference threads: ONNX Runtime's (inside one operator) or OpenVINO's "
+    "(default: the library's choice, one per core)",
     type=positive_int, metavar="N")
 CLIPS_PER_RUN = EngineOption(
     "--clips-per-run", "clips_per_run", "run a batch in pieces of N clips (ONNX Runtime default: 1 on "

@@ -343,11 +343,12 @@ class TrtEngine(Engine):
             free_all([buffer.free for buffer in buffers] + ([stream.destroy] if stream is not None else []))
 
 
-PLUGIN = EngineOption(
-    "--plugin", "plugin_libraries", "TensorRT plugin library to load before the engine (repeatable); "
-    "plans built with the default AOT plugin need none", type=Path, metavar="LIB", repeatable=True)
+PLUGIN_LIBRARY = EngineOption(
+    "--plugin-library", "plugin_libraries",
+    "a TensorRT plugin library (.so) to load before the engine (repeatable); "
+    "keyreid's own plans need none", type=Path, metavar="LIB", repeatable=True)
 
 BACKEND = Backend(
-    name="tensorrt", kinds=("tensorrt",), engine_class=TrtEngine, options=(PLUGIN,),
+    name="tensorrt", kinds=("tensorrt",), engine_class=TrtEngine, options=(PLUGIN_LIBRARY,),
     summary="TensorRT .plan/.engine/.trt files on an NVIDIA GPU",
     device="the NVIDIA GPU the plan was built for", needs_gpu=True)

@@ -30,6 +30,7 @@ POSE_SUFFIX = ".pose"
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS = ("tracklet", "pid", "camera")
 UNKNOWN_PID = -1
+DEFAULT_CAMERA = 0          # of tracklets whose manifest and frame names give none (--camera)
 
 # MARS frame names: <pid>C<cam>T<tracklet>F<frame>, e.g. 0001C1T0001F001; junk frames use pid "00-1".
 _MARS_NAME = re.compile(r"^(?P<pid>\d+|00-1|-1)C(?P<camera>\d+)T(?P<tracklet>\d+)F(?P<frame>\d+)$")
@@ -195,7 +196,7 @@ def _labels_from_mars_names(frames: List[Path]) -> Union[Tuple[int, int], str, N
     return labels.pop()
 
 
-def discover_tracklets(root: PathLike, default_camera: int = 0) -> TrackletScan:
+def discover_tracklets(root: PathLike, default_camera: int = DEFAULT_CAMERA) -> TrackletScan:
     """Every tracklet folder under ``root`` (sorted by name), with identity and camera.
 
     ``default_camera`` (the CLI's ``--camera``) applies to tracklets the manifest does not list
