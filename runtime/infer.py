@@ -218,8 +218,8 @@ def check_cameras(given_camera: Optional[int], tracklets: Sequence[Tracklet], nu
         indexed = sorted({tracklet.camera for tracklet in tracklets} - {MEAN_CAMERA})
         if indexed:
             raise KeyreidError(
-                f"the engine does not record how many cameras it knows (an ONNX file without num_cameras "
-                f"metadata, or a model served through PyTriton), so camera {indexed[0]} of the tracklets "
+                f"the engine does not record how many cameras it knows (a model served without keyreid's "
+                f"parameters, such as through serve_triton.py), so camera {indexed[0]} of the tracklets "
                 f"cannot be checked: add --num-cameras C (the cameras the model was trained with), or "
                 f"--camera {MEAN_CAMERA} to run tracklets without a camera on the mean camera embedding")
 

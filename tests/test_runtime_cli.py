@@ -26,7 +26,7 @@ from keyreid.runtime import compare, infer
 from keyreid.runtime.inputs import images, poses
 from keyreid.runtime.results import ranking_figure
 from keyreid.runtime.backends import open_engine
-from keyreid.runtime.inputs.tracklets import split_into_clips
+from keyreid.runtime.inputs.tracklets import discover_tracklets, split_into_clips
 from keyreid.synthetic import write_synthetic_tracklet
 
 from toy_engine_model import build_toy_model
@@ -426,19 +426,25 @@ def test_camera_option_out_of_range_is_a_clear_error(toy_model, good_pair, tmp_p
     assert "error: --camera 6: camera 6 is out of range: this model takes 0..5" in capsys.readouterr().err
 
 
-def test_an_engine_without_a_camera_count_asks_for_num_cameras_not_for_an_unpassed_camera(
-        good_pair, tmp_path, capsys):
-    """As a PyTriton server's model: no camera count published. The error names the flag to add."""
+def test_an_engine_without_a_camera_count_asks_for_num_cameras_not_for_an_unpassed_camera(good_pair):
+    """As a PyTriton server's model: no camera count published (tests/test_triton.py runs it against
+    a real server). The error names the flag to add, never --camera when it was not passed."""
+    tracklets = discover_tracklets(good_pair, default_camera=0).tracklets
+    with pytest.raises(KeyreidError) as error:
+        infer.check_cameras(None, tracklets, num_cameras=None)
+    message = str(error.value)
+    assert message.startswith("the engine does not record how many cameras")
+    assert "add --num-cameras C" in message and "--camera:" not in message
+    infer.check_cameras(None, tracklets, num_cameras=6)
+    infer.check_cameras(-1, discover_tracklets(good_pair, default_camera=-1).tracklets, num_cameras=None)
+
+
+def test_a_model_file_without_a_camera_count_is_refused_naming_the_key(good_pair, tmp_path, capsys):
     engine = build_toy_model(tmp_path / "no_count.onnx", num_cameras=None)
-    argv = ("--engine", engine, "--tracklets", good_pair, "--output", tmp_path / "o.npz", "-q")
-    assert run_infer(*argv) == 1
+    assert run_infer("--engine", engine, "--tracklets", good_pair, "--output", tmp_path / "o.npz", "-q") == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: the engine does not record how many cameras")
-    assert "add --num-cameras C" in err and "--camera:" not in err
+    assert err.startswith(f"error: {engine}: its keyreid metadata") and "missing key 'num_cameras'" in err
     assert not (tmp_path / "o.npz").exists()
-    assert run_infer(*argv, "--num-cameras", "6") == 0
-    assert run_infer(*argv, "--camera", "-1", "--output", tmp_path / "mean.npz") == 0
-    assert np.load(tmp_path / "mean.npz")["cameras"].tolist() == [-1, -1]
 
 
 def test_manifest_camera_out_of_range_fails_that_tracklet(toy_model, good_pair, tmp_path, capsys):
