@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.cli import positive_float, positive_int, non_negative_float, run_main, Steps
+from keyreid.cli import Steps, non_negative_float, non_negative_int, positive_float, positive_int, run_main
 from keyreid.contract import MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.files import check_distinct_outputs, check_writable, write_bytes, write_npz
@@ -28,7 +28,7 @@ from keyreid.runtime.cli_args import (ENGINE_HELP, add_engine_arguments, check_e
                                       engine_banner, engine_location, engine_options)
 from keyreid.runtime.engines import open_engine
 from keyreid.runtime.gallery import Gallery
-from keyreid.runtime.stream_session import (DEFAULT_BUSY_TIMEOUT_S, DEFAULT_MAX_TRACKS, DEFAULT_STRIDE,
+from keyreid.runtime.stream_session import (DEFAULT_BUSY_TIMEOUT_S, DEFAULT_MAX_BACKLOG, DEFAULT_MAX_TRACKS, DEFAULT_STRIDE,
                                             DEFAULT_TOP_K, DEFAULT_TRACK_TIMEOUT_S, FinishedTrack, StreamOptions,
                                             StreamSession, StreamSpec, StreamSummary)
 from keyreid.runtime.stream_source import DEFAULT_QUEUE_FRAMES, DEFAULT_RECONNECT_TIMEOUT_S, is_live
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tracks", type=positive_int, default=DEFAULT_MAX_TRACKS, metavar="N",
                         help="live tracks over all streams; crops of more are refused and counted "
                              "(default: %(default)s)")
+    parser.add_argument("--max-backlog", type=non_negative_int, default=DEFAULT_MAX_BACKLOG, metavar="N",
+                        help="crops in clips waiting for the engine; past that, live streams drop crops "
+                             "and files wait. Bounds memory and delay (default: %(default)s)")
     parser.add_argument("--busy-timeout", type=non_negative_float, default=DEFAULT_BUSY_TIMEOUT_S, metavar="S",
                         help="live streams: drop a crop the engine has had no room for during S seconds "
                              "(default: %(default)g)")
@@ -278,14 +281,16 @@ class ProgressLines:
         return {"time": time.monotonic(),
                 "decoded": sum(camera.source.decoded for camera in session.cameras),
                 "dropped": sum(camera.source.dropped for camera in session.cameras),
-                "crops": sum(count.crops for count in counts),
+                "crops": sum(camera.counts.crops * camera.source.decoded / max(camera.counts.frames, 1)
+                             for camera in session.cameras),
                 "crops_dropped": sum(count.crops_dropped for count in counts),
                 "clips": session.engine.clips}
 
     def __call__(self, session: StreamSession) -> None:
         now = self.totals(session)
-        last, self._last = self._last, now
-        if last is None or not self.enabled:
+        last = self._last or dict.fromkeys(now, 0.0) | {"time": session.started}
+        self._last = now
+        if not self.enabled:
             return
         seconds = max(now["time"] - last["time"], 1e-9)
         rate = {key: (now[key] - last[key]) / seconds for key in now if key != "time"}
@@ -298,20 +303,39 @@ class ProgressLines:
         lost = (now["dropped"] - last["dropped"]) + (now["crops_dropped"] - last["crops_dropped"])
         if lost and now["time"] - self._last_warning >= 10 * self.interval_s:
             self._last_warning = now["time"]
-            stride = session.options.stride
-            capacity = 4 * rate["clips"]
-            wanted = rate["crops"] / stride if stride else rate["crops"]
-            advice = (f"; about {rate['crops']:.0f} usable crops/s arrive and it embeds about {capacity:.0f}: "
-                      f"--stride {max(stride + 1, math.ceil(rate['crops'] / capacity))} would keep up"
-                      if capacity > 0 and wanted > capacity else "")
             print(f"warning: the engine cannot keep up: {lost:.0f} frames and crops dropped in the last "
-                  f"{seconds:.0f} s{advice}", file=sys.stderr, flush=True)
+                  f"{seconds:.1f} s{stride_advice(session.options.stride, rate['crops'], rate['clips'])}",
+                  file=sys.stderr, flush=True)
+
+
+def stride_advice(stride: int, crops_per_s: float, clips_per_s: float) -> str:
+    """'; ... --stride N would keep up' when ``crops_per_s`` usable crops at ``stride`` are more
+    than the engine's ``clips_per_s`` (4 crops a clip) can take; else nothing."""
+    capacity = 4 * clips_per_s
+    if capacity <= 0 or crops_per_s / stride <= capacity:
+        return ""
+    return (f"; about {crops_per_s:.0f} usable crops/s arrive and it embeds about {capacity:.0f}: "
+            f"--stride {max(stride + 1, math.ceil(crops_per_s / capacity))} would keep up")
+
+
+def keep_up_warning(summary: StreamSummary, stride: int) -> Optional[str]:
+    """A warning for the summary when live streams lost frames or crops to a slow engine."""
+    frames = sum(source.dropped for _, _, source, *_ in summary.cameras)
+    crops = sum(counts.crops_dropped for _, counts, *_ in summary.cameras)
+    if not frames and not crops:
+        return None
+    # Crops of dropped frames were never cut: scale by the frames decoded per frame processed.
+    usable = sum(counts.crops * source.decoded / max(counts.frames, 1) for _, counts, source, *_ in summary.cameras)
+    seconds = max(summary.seconds, 1e-9)
+    return (f"warning: the engine could not keep up: {frames} frames and {crops} crops were dropped"
+            f"{stride_advice(stride, usable / seconds, summary.clips / seconds)}")
 
 
 def print_summary(summary: StreamSummary) -> None:
     for spec, counts, source, reader, error, note in summary.cameras:
-        print(f"{spec.name} ({spec.source}): {source.decoded} frames decoded, {source.dropped} dropped, "
-              f"{source.reconnects} reconnects; {counts.tracks} tracks, {counts.crops_pushed} crops embedded")
+        print(f"{spec.name} ({spec.source}): {counts.frames} frames processed of {source.decoded} decoded, "
+              f"{source.dropped} dropped, {source.reconnects} reconnects; {counts.tracks} tracks, "
+              f"{counts.crops_pushed} crops embedded")
         details = [(counts.frames_without_tracks, "frames without tracks"),
                    (counts.records_without_frame, "track records for frames that never came (dropped or past the end)"),
                    (counts.boxes_outside, "boxes with no pixel in the frame"),
@@ -328,7 +352,8 @@ def print_summary(summary: StreamSummary) -> None:
         if error:
             print(f"  failed: {error}")
     clips_per_s = summary.clips / summary.seconds if summary.seconds > 0 else 0.0
-    print(f"tracks: {summary.finished} finished, {summary.failed} without a feature; {summary.clips} clips in "
+    unusable = f", {summary.unusable} without a usable crop" if summary.unusable else ""
+    print(f"tracks: {summary.finished} finished, {summary.failed} failed{unusable}; {summary.clips} clips in "
           f"{summary.seconds:.1f} s ({clips_per_s:.1f} clips/s, engine busy {summary.engine_seconds:.1f} s)")
 
 
@@ -370,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options = StreamOptions(stride=args.stride, track_timeout_s=args.track_timeout, top_k=args.top_k,
                                 realtime=args.realtime, queue_frames=args.queue_frames,
                                 reconnect_timeout_s=args.reconnect_timeout, max_tracks=args.max_tracks,
-                                max_buffered_frames=max(2048, 3 * args.max_tracks + 4),
+                                max_backlog=args.max_backlog,
                                 busy_timeout_s=args.busy_timeout,
                                 thumbnails=THUMBNAILS_KEPT if args.figure else 0, max_batch_size=args.max_batch)
         figure = TrackFigure(args.figure_tracks, min(args.top_k, 10)) if args.figure else None
@@ -384,6 +409,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             outputs.close()
     print_summary(summary)
+    warning = keep_up_warning(summary, args.stride)
+    if warning:
+        print(warning, file=sys.stderr)
     for name, path in outputs.paths().items():
         if path.exists():
             print(f"wrote {path}")

@@ -10,8 +10,9 @@ of stream time (frame number / frame rate) without it, or when the stream ends; 
 thread then completes its feature, searches the live ``Gallery`` for its nearest tracks on other
 cameras, adds it there, and hands a ``FinishedTrack`` to ``on_track``.
 
-Every queue is bounded: frames (per stream), crops held by the encoder (``max_buffered_frames``),
-tracks waiting for the finisher. When the engine lags, live streams drop frames at their reader
+Every queue is bounded: frames (per stream), crops held by the encoder (up to 3 per live track
+waiting for their clip, plus ``max_backlog`` in clips waiting for the engine), tracks waiting
+for the finisher. When the engine lags, live streams drop frames at their reader
 and crops that find the encoder full for ``busy_timeout_s``; both are counted. Files wait
 instead, so a file's result does not depend on the machine's speed.
 
@@ -49,6 +50,9 @@ DEFAULT_TRACK_TIMEOUT_S = 2.0
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_TRACKS = 256
 DEFAULT_BUSY_TIMEOUT_S = 0.5
+# Crops in clips waiting for the engine; with up to 3 crops per live track waiting for their
+# clip, the encoder holds at most 3 * max_tracks + 4 + max_backlog resized crops (96 KiB each).
+DEFAULT_MAX_BACKLOG = 64
 THUMBNAIL_SIZE = (64, 128)             # (width, height) of the crops kept for the figure
 STOP_JOIN_S = 2.0                      # how long stop() waits for a camera thread before ending its tracks itself
 _POLL_S = 0.1
@@ -77,7 +81,7 @@ class StreamOptions:
     queue_frames: int = DEFAULT_QUEUE_FRAMES          # decoded frames held per stream
     reconnect_timeout_s: float = DEFAULT_RECONNECT_TIMEOUT_S
     max_tracks: int = DEFAULT_MAX_TRACKS             # live tracks over all streams
-    max_buffered_frames: int = 2048                  # resized crops the encoder holds
+    max_backlog: int = DEFAULT_MAX_BACKLOG           # crops waiting for the engine, besides partial clips
     busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S    # live streams: drop a crop after waiting this long
     thumbnails: int = 0                              # crops kept per track for a figure (0: none)
     max_batch_size: Optional[int] = None
@@ -86,6 +90,7 @@ class StreamOptions:
     def check(self) -> None:
         for name, value, least in (("stride", self.stride, 1), ("top_k", self.top_k, 1),
                                    ("queue_frames", self.queue_frames, 1), ("max_tracks", self.max_tracks, 1),
+                                   ("max_backlog", self.max_backlog, 0),
                                    ("thumbnails", self.thumbnails, 0)):
             if int(value) < least:
                 raise KeyreidError(f"{name} must be at least {least}, got {value}")
@@ -255,7 +260,7 @@ class _Camera:
         if self._closed:
             return
         fps = self.source.fps
-        if record is None:
+        if record is None or not record.people:
             counts.frames_without_tracks += 1
         else:
             height, width = frame.image.shape[:2]
@@ -357,7 +362,8 @@ class StreamSummary:
     """What a session did, per stream, when it ended."""
     cameras: List[Tuple[StreamSpec, CameraCounts, VideoSource, TrackReader, Optional[str], Optional[str]]]
     finished: int
-    failed: int                        # tracks that ended without a feature
+    failed: int                        # tracks whose crops reached the engine but that got no feature
+    unusable: int                      # tracks none of whose boxes gave a crop (counted, not failures)
     without_pose: List[str]            # names of tracks whose used frames had no keypoint
     seconds: float
     clips: int
@@ -396,7 +402,7 @@ class StreamSession:
                                f"{engine.embedding_dim}; use a gallery of this model")
         readers = [open_tracks(spec.tracks, spec.track_format, spec.keypoints) for spec in streams]
         self.encoder = OnlineEncoder(self.engine, color="bgr", max_tracks=options.max_tracks,
-                                     max_buffered_frames=options.max_buffered_frames,
+                                     max_buffered_frames=3 * options.max_tracks + 4 + options.max_backlog,
                                      busy_timeout_s=min(options.busy_timeout_s, 1.0), idle_timeout_s=None,
                                      max_batch_size=options.max_batch_size,
                                      max_queue_delay_ms=options.max_queue_delay_ms)
@@ -459,7 +465,9 @@ class StreamSession:
             error = camera.error or (end.error if end is not None else None)
             cameras.append((camera.spec, camera.counts, camera.source, camera.reader, error,
                             end.note if end is not None else None))
-        return StreamSummary(cameras, len(finished), sum(track.feature is None for track in finished),
+        return StreamSummary(cameras, len(finished),
+                             sum(track.feature is None and track.frames_used > 0 for track in finished),
+                             sum(track.feature is None and track.frames_used == 0 for track in finished),
                              [track.name for track in finished if track.feature is not None and not track.has_pose],
                              time.monotonic() - self.started, self.engine.clips, self.engine.seconds, interrupted)
 
