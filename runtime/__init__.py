@@ -21,8 +21,12 @@ Public entry points, in data-flow order:
   keypoints per track, ``feature`` / ``finish`` give the track's feature (the same as a folder).
 - ``Gallery(dim)``: tracklet features with camera, time and label; top-k search by squared
   Euclidean distance (exact NumPy, or FAISS), saved as one file.
+- ``StreamSession(engine, [StreamSpec(source, tracks, camera), ...])``: video files, camera
+  devices or network streams with the tracker's per-frame tracks; cuts each person's crops,
+  feeds an ``OnlineEncoder`` and matches finished tracks across cameras in a live ``Gallery``.
 
-The command-line tools ``infer.py``, ``compare.py`` and ``gallery.py`` are thin layers over these.
+The command-line tools ``infer.py``, ``compare.py``, ``gallery.py`` and ``stream.py`` are thin
+layers over these.
 """
 from keyreid.runtime.backends import backend_names
 from keyreid.runtime.engines import Engine, open_engine
@@ -31,7 +35,8 @@ from keyreid.runtime.online import OnlineEncoder
 from keyreid.runtime.pipeline import TrackletRun, clip_loader, run_tracklets
 from keyreid.runtime.poses import PoseTally
 from keyreid.runtime.runner import Runner
+from keyreid.runtime.stream_session import StreamOptions, StreamSession, StreamSpec
 from keyreid.runtime.tracklets import discover_tracklets
 
 __all__ = ["open_engine", "backend_names", "Engine", "Runner", "discover_tracklets", "clip_loader", "PoseTally",
-           "run_tracklets", "TrackletRun", "OnlineEncoder", "Gallery"]
+           "run_tracklets", "TrackletRun", "OnlineEncoder", "Gallery", "StreamSession", "StreamSpec", "StreamOptions"]

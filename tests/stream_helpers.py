@@ -10,7 +10,6 @@ are whole pixels, and joints below confidence 0.5 are written as Ultralytics wri
 import json
 import math
 import os
-import signal
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -23,14 +22,6 @@ cv2 = __import__("cv2")
 FRAME_SIZE = (250, 200)
 FPS = 25.0
 KEYPOINT_CONFIDENCE_FLOOR = 0.5       # Ultralytics clears positions below this
-
-
-def default_signal_handling() -> None:
-    """``preexec_fn`` for a child that is sent signals: SIGINT and SIGTERM at their defaults, so
-    Python installs its own SIGINT handler even when the suite runs as a background job (which
-    starts children with SIGINT ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def exact_records(records: List[Dict]) -> List[Dict]:

@@ -18,10 +18,11 @@ from keyreid.runtime import gallery as gallery_module, infer, stream
 from keyreid.runtime.crops import crop_window, cut_person
 from keyreid.runtime.track_formats import open_tracks
 
-from stream_helpers import (FRAME_SIZE, cut_by_hand, decoded_frames, default_signal_handling, leftover_partials,
+from stream_helpers import (FRAME_SIZE, cut_by_hand, decoded_frames, leftover_partials,
                             relative_error, stream_outputs, write_mot, write_scene_video, write_ultralytics_json,
                             write_ultralytics_txt)
 from keyreid.synthetic_video import write_jsonl
+from subprocesses import default_signal_handling
 
 cv2 = pytest.importorskip("cv2")
 REPO = Path(__file__).resolve().parents[1]

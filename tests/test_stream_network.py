@@ -192,7 +192,7 @@ def rtsp_server_available() -> None:
         missing(f"{DEBIAN_PYTHON} is not installed: apt-get install python3-gi (Debian)")
     probe = subprocess.run([DEBIAN_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0'); "
                                                "from gi.repository import GstRtspServer, Gst; Gst.init(None); "
-                                               "assert Gst.ElementFactory.find('rtph264pay')"],
+                                               "assert Gst.ElementFactory.find('qtdemux') and Gst.ElementFactory.find('rtph264pay')"],
                            capture_output=True, text=True, timeout=60)
     if probe.returncode:
         missing("GStreamer's RTSP server is not installed: apt-get install gir1.2-gst-rtsp-server-1.0 "
