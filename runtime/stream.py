@@ -339,6 +339,7 @@ def print_summary(summary: StreamSummary) -> None:
         details = [(counts.frames_without_tracks, "frames without tracks"),
                    (counts.records_without_frame, "track records for frames that never came (dropped or past the end)"),
                    (counts.boxes_outside, "boxes with no pixel in the frame"),
+                   (counts.duplicate_people, "people given a track id already seen in the same frame (skipped)"),
                    (counts.cleared_joints, "joints with NaN/inf or a negative confidence cleared"),
                    (counts.crops_dropped, "crops dropped (the engine was behind)"),
                    (counts.crops_refused, f"crops refused ({counts.refused_example})")]

@@ -107,6 +107,7 @@ class CameraCounts:
     frames_without_tracks: int = 0
     records_without_frame: int = 0     # track records for frames that were dropped or never came
     boxes_outside: int = 0             # boxes with no pixel inside the frame (or not finite)
+    duplicate_people: int = 0          # a track id a second time in one frame (the first is kept)
     cleared_joints: int = 0            # joints zeroed for NaN/inf or a negative confidence
     crops: int = 0                     # usable crops
     crops_pushed: int = 0
@@ -269,6 +270,7 @@ class _Camera:
             seen = set()
             for person in record.people:
                 if person.track in seen:      # one id twice in a frame: the tracker's bug; keep the first
+                    counts.duplicate_people += 1
                     continue
                 seen.add(person.track)
                 self._person(frame, person, when)
