@@ -59,6 +59,30 @@ def write_videos(folder: Path, count: int, seconds: float, people: int, frame_si
     return [videos[index % len(videos)] for index in range(count)]
 
 
+def draw_figure(engine_path: Path, workdir: Path, output: Path, people: int = 4, seconds: float = 6.0) -> None:
+    """The README's picture: two 720p cameras that see the same people (each camera with its
+    own light and box sizes), every track beside its nearest tracks on the other camera."""
+    from keyreid.files import write_bytes
+    from keyreid.runtime.ranking_figure import encode_png
+    from keyreid.runtime.track_figure import TrackFigure
+    from keyreid.synthetic_video import make_walkers, write_scene
+
+    frames = int(seconds * FPS)
+    first = make_walkers(np.random.default_rng(10), FRAME_SIZE, frames, people, first_track=1)
+    second = make_walkers(np.random.default_rng(11), FRAME_SIZE, frames, people, first_track=21, looks=first)
+    specs = []
+    for camera, walkers in enumerate((first, second)):
+        video, tracks = workdir / f"figure{camera}.avi", workdir / f"figure{camera}.jsonl"
+        write_scene(video, tracks, np.random.default_rng(20 + camera), FRAME_SIZE, frames, people, FPS, walkers=walkers)
+        specs.append(StreamSpec(str(video), tracks, camera))
+    figure = TrackFigure(rows=2 * people, top_k=3)
+    with open_engine(engine_path) as engine, \
+            StreamSession(engine, specs, StreamOptions(stride=2, thumbnails=8, top_k=3), on_track=figure.add) as session:
+        session.run()
+    write_bytes(output, encode_png(figure.draw()))
+    print(f"wrote {output}")
+
+
 def export_vit_b_engine(workdir: Path) -> Path:
     import subprocess
     checkpoint, engine = workdir / "random_vit_b.pth", workdir / "random_vit_b.onnx"
@@ -129,6 +153,8 @@ def main(argv=None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--people", type=int, default=3, help="people per video (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="write the rows and the machine here")
+    parser.add_argument("--figure", type=Path, metavar="PNG",
+                        help="also draw two cameras seeing the same people, each track beside its matches")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as folder:
         workdir = Path(folder)
@@ -136,6 +162,8 @@ def main(argv=None) -> int:
         info = describe(threads=0)
         print(banner(info) + f"; engine {engine.name}", flush=True)
         rows = measure(engine, workdir, args.streams, args.seconds, args.throughput_seconds, args.people)
+        if args.figure is not None:
+            draw_figure(engine, workdir, args.figure)
     if args.json is not None:
         write_json(args.json, {"machine": info, "engine": str(args.engine or ("reduced" if args.reduced else "vit_b")),
                                "frame_size": FRAME_SIZE, "fps": FPS, "seconds": args.seconds,

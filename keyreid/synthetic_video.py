@@ -46,13 +46,18 @@ def _sprite(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
 
 
 def make_walkers(rng: np.random.Generator, frame_size: Tuple[int, int], num_frames: int, people: int,
-                 first_track: int = 1) -> List[Walker]:
-    """``people`` walkers over ``num_frames`` frames of ``frame_size`` (width, height)."""
+                 first_track: int = 1, looks: Optional[Sequence[Walker]] = None) -> List[Walker]:
+    """``people`` walkers over ``num_frames`` frames of ``frame_size`` (width, height). With
+    ``looks``, walker i looks like ``looks[i]`` (the same person seen by another camera: its
+    sprite, resized to this camera's box)."""
+    cv2 = require("cv2")
     width, height = frame_size
     walkers = []
     for index in range(people):
         box_height = int(rng.integers(height * 0.35, height * 0.6))
         box_width = max(8, int(box_height * rng.uniform(0.38, 0.48)))
+        if looks is not None:
+            box_width = max(8, int(box_height * looks[index].width / looks[index].height))
         enters = int(rng.integers(0, max(1, num_frames // 4)))
         leaves = int(min(num_frames, enters + rng.integers(max(2, num_frames // 2), num_frames + 1)))
         duration = leaves - enters
@@ -60,8 +65,10 @@ def make_walkers(rng: np.random.Generator, frame_size: Tuple[int, int], num_fram
         start_x = -0.3 * box_width if speed > 0 else width - 0.7 * box_width
         clips = -(-duration // 4)
         keypoints, _ = realistic_keypoints(rng, clips, crop_sizes=[(box_width, box_height)], size_jitter_px=0)
+        sprite = (_sprite(rng, box_width, box_height) if looks is None else
+                  cv2.resize(looks[index].sprite, (box_width, box_height), interpolation=cv2.INTER_AREA))
         walkers.append(Walker(first_track + index, box_width, box_height, int(rng.integers(0, height - box_height)),
-                              start_x, speed, enters, leaves, _sprite(rng, box_width, box_height),
+                              start_x, speed, enters, leaves, sprite,
                               keypoints.reshape(-1, NUM_KEYPOINTS, 3)[:duration].astype(np.float64)))
     return walkers
 
