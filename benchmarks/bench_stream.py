@@ -96,7 +96,9 @@ def export_vit_b_engine(workdir: Path) -> Path:
 
 def run_session(engine, videos: List[Dict], stride: int, realtime: bool) -> Dict[str, float]:
     """One StreamSession over ``videos``; its counters."""
-    specs = [StreamSpec(str(video["video"]), video["tracks"], camera) for camera, video in enumerate(videos)]
+    cameras = engine.num_cameras or 0     # streams past the model's cameras run as unseen ones (-1)
+    specs = [StreamSpec(str(video["video"]), video["tracks"], index if index < cameras else -1)
+             for index, video in enumerate(videos)]
     options = StreamOptions(stride=stride, realtime=realtime, track_timeout_s=1.0)
     with StreamSession(engine, specs, options) as session:
         started = time.perf_counter()

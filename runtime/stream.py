@@ -36,7 +36,7 @@ from keyreid.runtime.track_figure import CROPS_PER_ROW, DEFAULT_ROWS, TrackFigur
 from keyreid.runtime.track_formats import FORMATS
 
 JSONL_NAME, NPZ_NAME, GALLERY_NAME, FIGURE_NAME = "tracks.jsonl", "tracks.npz", "gallery.npz", "tracks.png"
-STREAM_OPTIONS = ("camera", "format", "keypoints")
+STREAM_OPTIONS = ("camera", "id", "format", "keypoints")
 THUMBNAILS_KEPT = 8            # crops kept per track when a figure is asked for (spread over its life)
 
 DESCRIPTION = """\
@@ -50,7 +50,9 @@ other cameras, and joins the gallery the next tracks are matched against."""
 EPILOG = f"""\
 streams (--stream SOURCE TRACKS [camera=N] [format=F] [keypoints=FILE], repeatable):
   camera=N      the model's camera index of this stream (default: its position, 0, 1, ...;
-                -1: an unseen camera)
+                -1: a camera the model never saw; several streams may share it)
+  id=N          the camera's id in track names and the gallery, where a track is matched
+                only against other ids (default: its position)
   format=F      {', '.join(FORMATS)} (default from TRACKS: a folder is ultralytics-txt, .json
                 ultralytics-json, .txt/.csv mot, anything else jsonl)
   keypoints=F   mot only: frame,id,x0,y0,c0,...,x16,y16,c16 rows for the MOT boxes
@@ -165,15 +167,16 @@ def parse_streams(parser: argparse.ArgumentParser, given: List[List[str]]) -> Li
             options[key] = value
         try:
             camera = int(options.get("camera", position))
+            stream_id = int(options.get("id", position))
         except ValueError:
-            parser.error(f"--stream {source}: camera={options['camera']!r} is not a whole number")
+            parser.error(f"--stream {source}: camera= and id= take whole numbers, got {extras}")
         if camera < MEAN_CAMERA:
             parser.error(f"--stream {source}: camera must be a 0-based index or {MEAN_CAMERA}, got {camera}")
         if options.get("format") not in (None, *FORMATS):
             parser.error(f"--stream {source}: format={options['format']} is not one of {', '.join(FORMATS)}")
         tracks_path = "/dev/stdin" if tracks == "-" else tracks
         specs.append(StreamSpec(source, Path(tracks_path), camera, options.get("format"),
-                                Path(options["keypoints"]) if "keypoints" in options else None))
+                                Path(options["keypoints"]) if "keypoints" in options else None, stream_id))
     return specs
 
 
@@ -184,7 +187,7 @@ def embedding_text(feature: np.ndarray) -> str:
 
 def track_line(track: FinishedTrack) -> str:
     """One JSON line for a finished track (the embedding as float32-exact numbers)."""
-    head = {"camera": track.camera, "track": track.track, "name": track.name,
+    head = {"camera": track.camera, "model_camera": track.model_camera, "track": track.track, "name": track.name,
             "first_frame": track.first_frame, "last_frame": track.last_frame,
             "first_time": track.first_time, "last_time": track.last_time,
             "frames_seen": track.frames_seen, "frames_used": track.frames_used, "clips": track.clips,
@@ -320,20 +323,20 @@ def stride_advice(stride: int, crops_per_s: float, clips_per_s: float) -> str:
 
 def keep_up_warning(summary: StreamSummary, stride: int) -> Optional[str]:
     """A warning for the summary when live streams lost frames or crops to a slow engine."""
-    frames = sum(source.dropped for _, _, source, *_ in summary.cameras)
-    crops = sum(counts.crops_dropped for _, counts, *_ in summary.cameras)
+    frames = sum(source.dropped for _, _, _, source, *_ in summary.cameras)
+    crops = sum(counts.crops_dropped for _, _, counts, *_ in summary.cameras)
     if not frames and not crops:
         return None
     # Crops of dropped frames were never cut: scale by the frames decoded per frame processed.
-    usable = sum(counts.crops * source.decoded / max(counts.frames, 1) for _, counts, source, *_ in summary.cameras)
+    usable = sum(counts.crops * source.decoded / max(counts.frames, 1) for _, _, counts, source, *_ in summary.cameras)
     seconds = max(summary.seconds, 1e-9)
     return (f"warning: the engine could not keep up: {frames} frames and {crops} crops were dropped"
             f"{stride_advice(stride, usable / seconds, summary.clips / seconds)}")
 
 
 def print_summary(summary: StreamSummary) -> None:
-    for spec, counts, source, reader, error, note in summary.cameras:
-        print(f"{spec.name} ({spec.source}): {counts.frames} frames processed of {source.decoded} decoded, "
+    for name, spec, counts, source, reader, error, note in summary.cameras:
+        print(f"{name} ({spec.source}): {counts.frames} frames processed of {source.decoded} decoded, "
               f"{source.dropped} dropped, {source.reconnects} reconnects; {counts.tracks} tracks, "
               f"{counts.crops_pushed} crops embedded")
         details = [(counts.frames_without_tracks, "frames without tracks"),

@@ -66,10 +66,8 @@ class StreamSpec:
     camera: int                            # the model's camera index (-1: an unseen camera)
     track_format: Optional[str] = None     # track_formats.FORMATS; default from the tracks' name
     keypoints: Optional[Union[str, Path]] = None   # mot only: the keypoints CSV
-
-    @property
-    def name(self) -> str:
-        return f"camera {self.camera}"
+    stream_id: Optional[int] = None        # which camera this is, in track names and the gallery
+                                           # (default: the stream's position); model cameras may repeat (-1)
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ class CameraCounts:
 @dataclass
 class FinishedTrack:
     """One track, ended: where and when it was seen, its feature and its matches."""
-    camera: int
+    camera: int                        # the stream's id (its position, or StreamSpec.stream_id)
     track: TrackId
     generation: int                    # 0, or n when the id came back after ending n times
     first_frame: int
@@ -136,6 +134,7 @@ class FinishedTrack:
     matches: List[Match] = field(default_factory=list)
     error: Optional[str] = None
     thumbnails: List[np.ndarray] = field(default_factory=list)   # RGB crops for the figure
+    model_camera: int = 0              # the camera index the engine was given (StreamSpec.camera)
 
     @property
     def name(self) -> str:
@@ -160,6 +159,7 @@ class _LiveTrack:
     has_pose: bool = False
     in_encoder: bool = False
     thumbnails: List[np.ndarray] = field(default_factory=list)
+    model_camera: int = 0
 
 
 class TimedEngine:
@@ -221,8 +221,10 @@ class _FrameMatcher:
 class _Camera:
     """One stream's camera thread: frames + records -> crops -> the encoder; ends tracks."""
 
-    def __init__(self, session: "StreamSession", spec: StreamSpec, source: VideoSource, reader: TrackReader):
-        self.session, self.spec, self.source, self.reader = session, spec, source, reader
+    def __init__(self, session: "StreamSession", spec: StreamSpec, stream_id: int, source: VideoSource,
+                 reader: TrackReader):
+        self.session, self.spec, self.stream_id, self.source, self.reader = session, spec, stream_id, source, reader
+        self.name = f"camera {stream_id}"
         self.counts = CameraCounts()
         self.end: Optional[SourceEnd] = None
         self.error: Optional[str] = None
@@ -230,7 +232,7 @@ class _Camera:
         self._generations: Dict[TrackId, int] = {}
         self._lock = threading.Lock()
         self._closed = False
-        self.thread = threading.Thread(target=self._run, name=f"keyreid-camera-{spec.camera}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"keyreid-camera-{stream_id}", daemon=True)
 
     # --- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -248,7 +250,7 @@ class _Camera:
             if self.end is not None and not self.session.stopping:
                 self.counts.records_without_frame += matcher.remaining(reads=not self.reader.streams)
         except Exception as exc:        # a bug here must end this camera with the reason, not hang the session
-            self.error = f"{self.spec.name}: {type(exc).__name__}: {exc}"
+            self.error = f"{self.name}: {type(exc).__name__}: {exc}"
         finally:
             self.end_all()
 
@@ -283,7 +285,8 @@ class _Camera:
             live = self._live.get(person.track)
             if live is None:
                 generation = self._generations.get(person.track, 0)
-                live = _LiveTrack((self.spec.camera, person.track, generation), frame.index, when, frame.index, when)
+                live = _LiveTrack((self.stream_id, person.track, generation), frame.index, when, frame.index, when,
+                                  model_camera=self.spec.camera)
                 self._live[person.track] = live
                 counts.tracks += 1
             live.frames_seen += 1
@@ -362,7 +365,7 @@ def thumbnail(image: np.ndarray) -> np.ndarray:
 @dataclass
 class StreamSummary:
     """What a session did, per stream, when it ended."""
-    cameras: List[Tuple[StreamSpec, CameraCounts, VideoSource, TrackReader, Optional[str], Optional[str]]]
+    cameras: List[Tuple[str, StreamSpec, CameraCounts, VideoSource, TrackReader, Optional[str], Optional[str]]]
     finished: int
     failed: int                        # tracks whose crops reached the engine but that got no feature
     unusable: int                      # tracks none of whose boxes gave a crop (counted, not failures)
@@ -388,9 +391,9 @@ class StreamSession:
         options.check()
         if not streams:
             raise KeyreidError("give at least one stream")
-        cameras = [spec.camera for spec in streams]
-        if len(set(cameras)) != len(cameras):
-            raise KeyreidError(f"two streams have the same camera index ({cameras}); give each its own")
+        ids = [position if spec.stream_id is None else spec.stream_id for position, spec in enumerate(streams)]
+        if len(set(ids)) != len(ids):
+            raise KeyreidError(f"two streams have the same id ({ids}); give each its own")
         self.options = options
         self.on_track = on_track
         self.engine = TimedEngine(engine)
@@ -408,11 +411,11 @@ class StreamSession:
                                      busy_timeout_s=min(options.busy_timeout_s, 1.0), idle_timeout_s=None,
                                      max_batch_size=options.max_batch_size,
                                      max_queue_delay_ms=options.max_queue_delay_ms)
-        self.cameras = [_Camera(self, spec, VideoSource(spec.source, queue_frames=options.queue_frames,
-                                                        realtime=options.realtime,
-                                                        reconnect_timeout_s=options.reconnect_timeout_s,
-                                                        name=f"{spec.name} ({spec.source})"), reader)
-                        for spec, reader in zip(streams, readers)]
+        self.cameras = [_Camera(self, spec, stream_id, VideoSource(spec.source, queue_frames=options.queue_frames,
+                                                                   realtime=options.realtime,
+                                                                   reconnect_timeout_s=options.reconnect_timeout_s,
+                                                                   name=f"camera {stream_id} ({spec.source})"), reader)
+                        for stream_id, spec, reader in zip(ids, streams, readers)]
         # Ended tracks wait here for the finisher; bounded: a full queue holds up the camera threads.
         self._ended: "queue.Queue[Optional[_LiveTrack]]" = queue.Queue(max(options.max_tracks, 8))
         self._finisher = threading.Thread(target=self._finish_tracks, name="keyreid-finisher", daemon=True)
@@ -465,7 +468,7 @@ class StreamSession:
         for camera in self.cameras:
             end = camera.end
             error = camera.error or (end.error if end is not None else None)
-            cameras.append((camera.spec, camera.counts, camera.source, camera.reader, error,
+            cameras.append((camera.name, camera.spec, camera.counts, camera.source, camera.reader, error,
                             end.note if end is not None else None))
         return StreamSummary(cameras, len(finished),
                              sum(track.feature is None and track.frames_used > 0 for track in finished),
@@ -508,7 +511,7 @@ class StreamSession:
         camera, track, generation = live.key
         return FinishedTrack(camera, track, generation, live.first_frame, live.last_frame, live.first_time,
                              live.last_time, live.frames_seen, live.used, clips, live.has_pose, feature,
-                             error=error, thumbnails=live.thumbnails)
+                             error=error, thumbnails=live.thumbnails, model_camera=live.model_camera)
 
     def _finished_track(self, live: _LiveTrack) -> FinishedTrack:
         if not live.in_encoder:

@@ -321,3 +321,16 @@ def test_sigterm_mid_stream_writes_every_track_seen_so_far_whole(scene, reduced_
     assert {line["name"] for line in found["lines"]} == seen
     assert set(found["embeddings"]) == {line["name"] for line in found["lines"] if line["embedding"] is not None}
     assert leftover_partials(out) == []
+
+
+def test_streams_may_share_the_unseen_camera_and_are_told_apart_by_id(scene, reduced_onnx, tmp_path):
+    argv = ["--engine", reduced_onnx, "-o", tmp_path / "out", "-q"]
+    for position, camera in enumerate(scene):
+        argv += ["--stream", camera["video"], camera["tracks"], "camera=-1", f"id={7 + position}"]
+    assert run_stream(*argv) == 0
+    lines = stream_outputs(tmp_path / "out")["lines"]
+    assert {line["name"].split("/")[0] for line in lines} == {"cam7", "cam8"}
+    assert {line["model_camera"] for line in lines} == {-1}
+    for line in lines:
+        assert all(match["camera"] != line["camera"] for match in line["matches"])
+    assert any(line["matches"] for line in lines)
