@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         if args.figure is not None:
             draw_figure(engine, workdir, args.figure)
     if args.json is not None:
-        write_json(args.json, {"machine": info, "engine": str(args.engine or ("reduced" if args.reduced else "vit_b")),
+        write_json(args.json, {"machine": info, "engine": engine.name,
                                "frame_size": FRAME_SIZE, "fps": FPS, "seconds": args.seconds,
                                "people": args.people, "rows": rows})
     return 0
