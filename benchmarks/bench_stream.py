@@ -59,7 +59,7 @@ def write_videos(folder: Path, count: int, seconds: float, people: int, frame_si
     return [videos[index % len(videos)] for index in range(count)]
 
 
-def draw_figure(engine_path: Path, workdir: Path, output: Path, people: int = 4, seconds: float = 6.0) -> None:
+def draw_figure(engine_path: Path, workdir: Path, output: Path, people: int = 4, seconds: float = 3.0) -> None:
     """The README's picture: two 720p cameras that see the same people (each camera with its
     own light and box sizes), every track beside its nearest tracks on the other camera."""
     from keyreid.files import write_bytes
@@ -77,7 +77,7 @@ def draw_figure(engine_path: Path, workdir: Path, output: Path, people: int = 4,
         specs.append(StreamSpec(str(video), tracks, camera))
     figure = TrackFigure(rows=2 * people, top_k=3)
     with open_engine(engine_path) as engine, \
-            StreamSession(engine, specs, StreamOptions(stride=2, thumbnails=8, top_k=3), on_track=figure.add) as session:
+            StreamSession(engine, specs, StreamOptions(stride=4, thumbnails=8, top_k=3), on_track=figure.add) as session:
         session.run()
     write_bytes(output, encode_png(figure.draw()))
     print(f"wrote {output}")

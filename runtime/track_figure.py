@@ -68,10 +68,15 @@ class TrackFigure:
             crops = spread(track.thumbnails, CROPS_PER_ROW) or [None]
             label = f"c{track.camera} t{track.track}"
             query = [Thumbnail(crop, label if index == 0 else "", QUERY_BORDER) for index, crop in enumerate(crops)]
-            matches = [Thumbnail(self._first_crop(match.name), f"{_short(match.name)} {match.distance:.3g}",
+            matches = [Thumbnail(self._first_crop(match.name), f"{_short(match.name)} {_distance(match.distance)}",
                                  MATCH_BORDER) for match in track.matches[:self.top_k]]
             rows.append((query, matches))
         return draw_rows(rows, self.top_k, LEGEND)
+
+
+def _distance(value: float) -> str:
+    """A squared distance in at most 5 characters (labels hold about 12)."""
+    return f"{value:.0f}" if 10 <= value < 1e5 else f"{value:.2g}"
 
 
 def _short(name: str) -> str:
