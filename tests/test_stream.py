@@ -334,3 +334,27 @@ def test_streams_may_share_the_unseen_camera_and_are_told_apart_by_id(scene, red
     for line in lines:
         assert all(match["camera"] != line["camera"] for match in line["matches"])
     assert any(line["matches"] for line in lines)
+
+
+def test_json_lines_read_from_a_fifo_as_the_tracker_writes_them(scene, jsonl_run, reduced_onnx, tmp_path):
+    import threading
+    data = scene[0]
+    fifo = tmp_path / "tracker.jsonl"
+    os.mkfifo(fifo)
+
+    def tracker():                       # writes a line per frame, a little behind the video
+        with open(fifo, "w") as out:
+            for line in data["tracks"].read_text().splitlines():
+                out.write(line + "\n")
+                out.flush()
+                time.sleep(0.005)
+
+    writer = threading.Thread(target=tracker, daemon=True)
+    writer.start()
+    assert run_stream("--engine", reduced_onnx, "--stream", data["video"], fifo, "-o", tmp_path / "out", "-q") == 0
+    writer.join(10)
+    found = stream_outputs(tmp_path / "out")["embeddings"]
+    expected = {name: row for name, row in jsonl_run["embeddings"].items() if name.startswith("cam0/")}
+    assert set(found) == set(expected)
+    for name, embedding in found.items():
+        assert relative_error(embedding, expected[name]) <= 1e-5
