@@ -39,6 +39,8 @@ SUBCOMMANDS: Dict[str, Subcommand] = {
                          "ONNX file or plan -> Triton Inference Server model repository"),
     "infer": Subcommand("keyreid.runtime.infer", "runtime/infer.py",
                         "tracklet folders -> embeddings; query/gallery evaluation and rankings"),
+    "stream": Subcommand("keyreid.runtime.stream", "runtime/stream.py",
+                         "video files and network streams with a tracker's tracks -> matched tracks"),
     "compare": Subcommand("keyreid.runtime.compare", "runtime/compare.py",
                           "check an engine against the reference model or another engine"),
     "gallery": Subcommand("keyreid.runtime.gallery", "runtime/gallery.py",

@@ -73,19 +73,24 @@ what fails and what does not:
   failures are listed at the end.
   A missing, unreadable or malformed .pose file is not a failure: the frame runs with no joints
   visible, and the number of such frames is reported, as are folder entries that are neither
-  frames nor .pose files (they are ignored).
+  frames nor .pose files (they are ignored). A tracklet with no keypoints at all (no .pose file
+  or keypoints.json entry for any frame) runs, but gets a warning: its part features carry no
+  pose information; it makes the exit status 1 unless --allow-no-pose.
+  A symbolic link in a tracklet folder that loops back to it fails that tracklet.
   An output path that is the engine, a frame, a pose file, a manifest, a MARS table or another
   output is refused before anything runs.
 
 exit status:
   0    every tracklet ran and every output was written
   1    bad input (engine file, directory, option value; nothing is written), or some
-       tracklets failed (outputs hold the others; --keep-going makes this 0)
+       tracklets failed (outputs hold the others; --keep-going makes this 0), or some had no
+       keypoints at all (outputs hold them too; --allow-no-pose makes this 0)
   2    wrong command-line usage
   130  interrupted (Ctrl-C), 143 terminated (SIGTERM): queued clips are cancelled, nothing is
        written"""
 
 MAX_LISTED_FAILURES = 5
+MAX_LISTED_WITHOUT_POSE = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="queries drawn in --ranking-png (default: %(default)s)")
     parser.add_argument("--keep-going", action="store_true",
                         help="exit 0 even when some tracklets failed (they are still reported)")
+    parser.add_argument("--allow-no-pose", action="store_true",
+                        help="exit 0 even when a tracklet has no keypoints at all (no .pose file or "
+                             "keypoints.json entry for any frame); it is still reported")
     parser.add_argument("--progress-seconds", type=float, default=2.0, metavar="S",
                         help="seconds between progress lines on stderr (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -299,6 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in sets.notes:
         print(note, file=sys.stderr)
     tracklets = sets.all
+    without_pose = [tracklet.name for tracklet in tracklets if not tracklet.has_pose_source]
     inputs = [path for tracklet in tracklets for path in tracklet.input_files]
     check_not_among(outputs, inputs + sets.input_files, "input files (frames, poses, manifests, dataset tables)")
 
@@ -317,6 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     failures = sets.failures + run.failures
     print_summary(run, failures, sets)
+    warn_without_pose(without_pose)
     if len(run.indices) == 0:
         raise KeyreidError(f"no tracklet produced a feature ({len(failures)} failed); nothing was written")
 
@@ -352,7 +362,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {len(failures)} tracklet(s) failed; the outputs hold the others "
               "(--keep-going exits 0)", file=sys.stderr)
         return 1
+    if without_pose and not args.allow_no_pose:
+        print(f"error: {len(without_pose)} tracklet(s) have no keypoints at all (listed above); their part "
+              "features carry no pose information (--allow-no-pose exits 0)", file=sys.stderr)
+        return 1
     return 0
+
+
+def warn_without_pose(names: List[str]) -> None:
+    """One warning per tracklet without any pose source (the first MAX_LISTED_WITHOUT_POSE)."""
+    for name in names[:MAX_LISTED_WITHOUT_POSE]:
+        print(f"warning: tracklet {name} has no keypoints at all (no .pose file or keypoints.json entry "
+              "for any frame): its part features carry no pose information", file=sys.stderr)
+    if len(names) > MAX_LISTED_WITHOUT_POSE:
+        print(f"warning: ... and {len(names) - MAX_LISTED_WITHOUT_POSE} more tracklets without keypoints",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

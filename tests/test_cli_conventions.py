@@ -29,6 +29,7 @@ TOOLS = {
     "export/to_triton.py": ["{bad_onnx}", "--repository", "{out}/models"],
     "export/to_openvino.py": ["{bad_onnx}", "-o", "{out}/model_int8.xml"],
     "runtime/infer.py": ["--engine", "{bad_onnx}", "--tracklets", "{tracklets}", "-o", "{out}/emb.npz"],
+    "runtime/stream.py": ["--engine", "{bad_onnx}", "--stream", "{bad_npz}", "{bad_npz}", "-o", "{out}/streams"],
     "runtime/compare.py": ["--engine", "{bad_onnx}", "--engine", "{bad_onnx}"],
     "runtime/gallery.py": ["build", "{bad_npz}", "-o", "{out}/gallery.npz"],
     "runtime/serve_triton.py": ["--engine", "{bad_onnx}", "--grpc-port", "1", "--http-port", "2"],
@@ -80,8 +81,8 @@ def test_a_bad_input_file_is_one_error_line_exit_1(tool, inputs, tmp_path):
 
 def test_every_command_line_tool_is_in_the_table():
     """A new tool joins the table (its exit codes are checked) or this fails."""
-    tools = {f"{folder}/{path.name}" for folder in ("export", "runtime")
-             for path in (REPO / folder).glob("*.py") if "def main(" in path.read_text()}
+    tools = {str(path.relative_to(REPO)) for folder in ("export", "runtime")
+             for path in (REPO / folder).rglob("*.py") if "def main(" in path.read_text()}
     assert tools - set(TOOLS) == {"export/random_checkpoint.py"}    # takes no input file
 
 
@@ -94,7 +95,8 @@ FLAG_MEANINGS = {
 # --plugin is to_tensorrt.py's choice of how a plan runs the keypoint op; a plugin library to
 # load is --plugin-library, in the runtime's tools.
 PLUGIN_FLAGS = {"export/to_tensorrt.py": "--plugin", "runtime/infer.py": "--plugin-library",
-                "runtime/compare.py": "--plugin-library", "runtime/serve_triton.py": "--plugin-library"}
+                "runtime/compare.py": "--plugin-library", "runtime/serve_triton.py": "--plugin-library",
+                "runtime/stream.py": "--plugin-library"}
 HELPED_TOOLS = sorted(set(TOOLS) | {f"benchmarks/{name}.py" for name in (
     "bench_runner", "interleaved", "int8_accuracy", "profile_ops")})
 

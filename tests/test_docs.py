@@ -23,7 +23,7 @@ from keyreid.kernels import body_parts
 from keyreid.kernels.onnx_function import FUNCTION_ATTRIBUTES
 from keyreid.plan_sidecar import BATCH_KEYS, FORMAT, FORMAT_VERSION, PlanSidecar
 from keyreid.runtime.results import evaluation
-from keyreid.runtime.inputs import mars, poses
+from keyreid.runtime.inputs import mars, poses, track_formats
 from keyreid.runtime.inputs.tracklets import split_into_clips
 from keyreid.tolerances import TOLERANCES
 
@@ -94,8 +94,8 @@ def test_the_file_scan_sees_code_and_docs():
             "pyproject.toml", "pytest.ini"} <= names
 
 
-def test_sections_are_numbered_one_to_eight():
-    assert sorted(sections()) == list(range(1, 9))
+def test_sections_are_numbered_one_to_nine():
+    assert sorted(sections()) == list(range(1, 10))
 
 
 def test_every_cited_section_exists():
@@ -219,6 +219,8 @@ PHRASES = [
     (6, f"({contract.ONNX_OPSET} or newer)"),
     (7, f"`format` = `{FORMAT}`, `format_version` = {FORMAT_VERSION}"),
     (8, f"(limit {INT16_MAX})"),
+    (9, f"confidence is below {track_formats.ULTRALYTICS_MIN_VISIBLE}"),
+    (9, f"({contract.CLIP_FRAMES} frames a clip, at most {contract.MAX_CLIPS_PER_TRACKLET} clips)"),
     *((8, f"| `{target}` | 0 … {recipe.activation_max} ({recipe.activation_bits} bits) | ±{recipe.weight_max} | "
           f"{2 * recipe.activation_max * recipe.weight_max} |") for target, recipe in RECIPES.items()),
 ]

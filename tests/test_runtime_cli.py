@@ -29,6 +29,7 @@ from keyreid.runtime.backends import open_engine
 from keyreid.runtime.inputs.tracklets import discover_tracklets, split_into_clips
 from keyreid.synthetic import write_synthetic_tracklet
 
+from subprocesses import default_signal_handling
 from toy_engine_model import build_toy_model
 
 cv2 = pytest.importorskip("cv2")
@@ -237,7 +238,8 @@ def evaluated(camera_blind_model, tmp_path_factory):
         write_manifest(root / set_name, [(name, pid, camera) for name, pid, camera, _ in rows])
     outputs = {"report": root / "report.json", "png": root / "ranking.png", "npz": root / "all.npz"}
     code = run_infer("--engine", camera_blind_model, "--query", root / "query", "--gallery", root / "gallery",
-                     "--report", outputs["report"], "--ranking-png", outputs["png"], "--output", outputs["npz"], "-q")
+                     "--report", outputs["report"], "--ranking-png", outputs["png"], "--output", outputs["npz"],
+                     "--allow-no-pose", "-q")
     return code, outputs
 
 
@@ -267,12 +269,19 @@ def test_evaluation_output_marks_query_rows(evaluated):
     assert saved["pids"].tolist() == [pid for _, pid, _, _ in in_name_order]
 
 
-def test_ranking_png_is_a_png_of_the_layouts_size(evaluated):
+def test_ranking_png_is_as_wide_as_its_longest_row_with_a_legend_under_it(evaluated):
     data = evaluated[1]["png"].read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    assert ranking_figure.figure_size(3) == (890, 488)       # 3 queries, 10 gallery columns
-    assert image.shape == (488, 890, 3)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    # 3 queries and 7 gallery tracklets: 7 gallery columns, not the 10 of a larger gallery
+    legend = len(ranking_figure.LEGEND)
+    assert ranking_figure.figure_size(3, 7, legend_lines=legend) == (656, 560)
+    assert image.shape == (560, 656, 3)
+    x, _ = ranking_figure.cell_origin(0, 7)
+    assert x + ranking_figure.CELL_WIDTH + ranking_figure.MARGIN == 656       # no blank margin
+    for line, (colour, _) in enumerate(ranking_figure.LEGEND):               # a swatch per colour
+        y = 560 - ranking_figure.MARGIN - (legend - line) * ranking_figure.LEGEND_LINE_HEIGHT
+        assert tuple(image[y + 8, ranking_figure.MARGIN + 4]) == colour
 
 
 def test_ranking_png_borders_are_green_for_the_same_identity_and_red_otherwise(evaluated):
@@ -286,7 +295,7 @@ def test_ranking_png_borders_are_green_for_the_same_identity_and_red_otherwise(e
     assert border(1, 1) == ranking_figure.MISMATCH_BORDER        # q2's nearest is pid 3 ...
     assert border(1, 2) == ranking_figure.MATCH_BORDER           # ... then pid 2
     assert border(0, 0) == ranking_figure.QUERY_BORDER
-    assert border(0, 8) == tuple(ranking_figure.BACKGROUND)      # 7 gallery entries, 10 columns
+    assert border(0, 7) in (ranking_figure.MATCH_BORDER, ranking_figure.MISMATCH_BORDER)   # the 7th entry
 
 
 # ----------------------------------------------------------------------------- MARS
@@ -367,7 +376,8 @@ def test_keep_going_exits_zero_when_a_tracklet_failed(toy_model, good_pair, tmp_
     bad = gray_tracklet(good_pair, "b_bad", 70)
     (bad / "0000.png").write_bytes(b"not an image")
     output = tmp_path / "out.npz"
-    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", output, "--keep-going", "-q") == 0
+    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", output, "--keep-going",
+                     "--allow-no-pose", "-q") == 0
     assert np.load(output)["tracklets"].tolist() == ["a_good", "c_good"]
 
 
@@ -387,7 +397,7 @@ def test_grayscale_and_rgba_frames_become_rgb(toy_model, tmp_path):
         image = np.full((256, 128), 77, np.uint8) if channels is None else np.full((256, 128, channels), 77, np.uint8)
         assert cv2.imwrite(str(folder / "0000.png"), image)
     output = tmp_path / "out.npz"
-    assert run_infer("--engine", toy_model, "--tracklets", root, "--output", output, "-q") == 0
+    assert run_infer("--engine", toy_model, "--tracklets", root, "--output", output, "--allow-no-pose", "-q") == 0
     embeddings = np.load(output)["embeddings"]
     assert np.array_equal(embeddings[0], embeddings[1]) and np.array_equal(embeddings[2], embeddings[1])
 
@@ -580,7 +590,7 @@ def test_retrieval_agreement_counts_identical_top_k_lists():
 def test_infer_script_runs_from_the_repository(toy_model, good_pair, tmp_path):
     output = tmp_path / "out.npz"
     result = subprocess.run([sys.executable, "runtime/infer.py", "--engine", str(toy_model), "--tracklets",
-                             str(good_pair), "--output", str(output)],
+                             str(good_pair), "--output", str(output), "--allow-no-pose"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "[3/4] running 2 tracklets (3 clips)" in result.stderr
@@ -602,7 +612,7 @@ def test_runtime_tools_import_and_run_without_torch(toy_model, good_pair, tmp_pa
         import keyreid.runtime.infer, keyreid.runtime.compare, keyreid.runtime.serving.pipeline
         import keyreid.runtime.results.ranking_figure, keyreid.runtime.cli_args
         assert keyreid.runtime.infer.main(["--engine", {str(toy_model)!r}, "--tracklets", {str(good_pair)!r},
-                                           "--output", {str(tmp_path / 'o.npz')!r}, "-q"]) == 0
+                                           "--output", {str(tmp_path / 'o.npz')!r}, "--allow-no-pose", "-q"]) == 0
         assert keyreid.runtime.compare.main(["--engine", {str(toy_model)!r}, "--engine", {str(toy_model)!r},
                                              "--clips", "2"]) == 0
         assert not any(name.startswith("keyreid.export") for name in sys.modules)
@@ -616,8 +626,38 @@ def test_runtime_tools_import_and_run_without_torch(toy_model, good_pair, tmp_pa
 def test_summary_counts_folder_entries_that_are_neither_frames_nor_poses(toy_model, good_pair, tmp_path, capsys):
     (good_pair / "a_good" / "notes.bmp").write_bytes(b"x")
     (good_pair / "a_good" / "0000.png.txt").write_text("x")
-    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz", "-q") == 0
+    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz",
+                     "--allow-no-pose", "-q") == 0
     assert "ignored 2 entries of tracklet folders" in capsys.readouterr().out
+
+
+def test_tracklets_without_any_keypoints_are_named_and_fail_unless_allowed(toy_model, tmp_path, capsys):
+    root = tmp_path / "tracklets"
+    for name in ("a", "b"):
+        gray_tracklet(root, name, 50, num_frames=3)                # crops only: no .pose file at all
+    realistic_tracklet(root, "c_posed", 3, crop=(128, 256))
+    assert run_infer("--engine", toy_model, "--tracklets", root, "--output", tmp_path / "o.npz", "-q") == 1
+    captured = capsys.readouterr()
+    assert "frames without a pose: 6 of 9" in captured.out
+    assert [line for line in captured.err.splitlines() if line.startswith("warning: tracklet")] == [
+        f"warning: tracklet {name} has no keypoints at all (no .pose file or keypoints.json entry for any frame): "
+        "its part features carry no pose information" for name in ("a", "b")]
+    assert "error: 2 tracklet(s) have no keypoints at all" in captured.err
+    assert len(np.load(tmp_path / "o.npz")["tracklets"]) == 3                  # written all the same
+    assert run_infer("--engine", toy_model, "--tracklets", root, "--output", tmp_path / "o.npz",
+                     "--allow-no-pose", "-q") == 0
+    assert "warning: tracklet a has no keypoints" in capsys.readouterr().err
+
+
+def test_a_symlink_looping_back_to_its_tracklet_folder_fails_that_tracklet(toy_model, good_pair, tmp_path, capsys):
+    (good_pair / "a_good" / "again").symlink_to(good_pair / "a_good")
+    (good_pair / "z_root").symlink_to(good_pair)
+    assert run_infer("--engine", toy_model, "--tracklets", good_pair, "--output", tmp_path / "o.npz",
+                     "--allow-no-pose", "-q") == 1
+    out = capsys.readouterr().out
+    assert "failed a_good: again is a symbolic link that loops" in out
+    assert "failed z_root: a symbolic link to the tracklets folder itself" in out
+    assert np.load(tmp_path / "o.npz")["tracklets"].tolist() == ["c_good"]
 
 
 def test_frame_above_the_size_limit_fails_only_its_tracklet(toy_model, good_pair, tmp_path, capsys):
@@ -650,7 +690,7 @@ def test_interrupting_infer_cancels_the_queued_clips_and_exits_promptly(toy_mode
                                        "-o", {str(tmp_path / "out.npz")!r}, "--max-batch", "1", "-q"]))
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=default_signal_handling)
     deadline = time.monotonic() + 60
     while not (calls.exists() and len(calls.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         time.sleep(0.05)

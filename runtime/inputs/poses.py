@@ -64,7 +64,7 @@ def _parse_pose(text: str) -> Optional[np.ndarray]:
         return None
 
 
-def _clear_invalid_joints(keypoints: np.ndarray) -> Tuple[np.ndarray, int]:
+def clear_invalid_joints(keypoints: np.ndarray) -> Tuple[np.ndarray, int]:
     """float32 keypoints with every joint that has a non-finite value (also after the cast to
     float32) or a negative confidence zeroed; and how many joints that was.
 
@@ -87,7 +87,7 @@ def read_pose(path: Optional[PoseSource], crop_size: Optional[Tuple[float, float
     Never raises for a bad file: anything but OK comes back as all zeros.
     """
     if isinstance(path, FrameDetections):
-        keypoints, cleared = _clear_invalid_joints(path.select(crop_size or (0, 0)))
+        keypoints, cleared = clear_invalid_joints(path.select(crop_size or (0, 0)))
         return keypoints, PoseStatus.OK, cleared
     if path is None:
         return no_joints(), PoseStatus.MISSING, 0
@@ -108,7 +108,7 @@ def read_pose(path: Optional[PoseSource], crop_size: Optional[Tuple[float, float
     keypoints = _parse_pose(text)
     if keypoints is None:
         return no_joints(), PoseStatus.MALFORMED, 0
-    keypoints, cleared = _clear_invalid_joints(keypoints)
+    keypoints, cleared = clear_invalid_joints(keypoints)
     return keypoints, PoseStatus.OK, cleared
 
 

@@ -13,6 +13,7 @@ One bad tracklet becomes a ``TrackletFailure`` so the others still run; a direct
 usable tracklet at all is a KeyreidError.
 """
 import csv
+import errno
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ class Tracklet:
     @property
     def num_frames(self) -> int:
         return len(self.frame_paths)
+
+    @property
+    def has_pose_source(self) -> bool:
+        """True when some frame has a pose: a .pose file on disk or COCO detections. A tracklet
+        without any runs with no joint visible in every frame, so its part features carry no
+        pose information."""
+        return any(pose is not None and (not isinstance(pose, Path) or pose.is_file()) for pose in self.pose_paths)
 
     @property
     def input_files(self) -> List[Path]:
@@ -170,13 +178,36 @@ def read_manifest(path: Path, default_camera: int) -> Dict[str, Tuple[int, int]]
     return labels
 
 
+def links_back(entry: Path, folder: Path) -> bool:
+    """True when ``entry`` is a symbolic link to ``folder`` or to a folder above it, or a cycle
+    of links: following it would walk the same frames again, or without end."""
+    if not entry.is_symlink():
+        return False
+    try:
+        target = entry.resolve(strict=True)
+    except RuntimeError:                     # a cycle of links (Python before 3.13)
+        return True
+    except OSError as exc:                   # ELOOP: a cycle (3.13); a broken link is no loop
+        return exc.errno == errno.ELOOP
+    folder = folder.resolve()
+    return target == folder or target in folder.parents
+
+
+class LoopLink(Exception):
+    """A tracklet folder holds a symbolic link back to itself (the message names it)."""
+
+
 def _frame_files(folder: Path, ignored: List[Path]) -> List[Path]:
     """The folder's frame files in name order; other visible entries that are not ``.pose``
-    entries (a .bmp, ``x.jpg.txt``, a sub-folder, a broken link) go to ``ignored``."""
+    entries (a .bmp, ``x.jpg.txt``, a sub-folder, a broken link) go to ``ignored``. A link back
+    to the folder (or above it) raises LoopLink."""
     frames = []
     for entry in folder.iterdir():
         if entry.name.startswith("."):
             continue
+        if links_back(entry, folder):
+            raise LoopLink(f"{entry.name} is a symbolic link that loops (back to its own tracklet folder, "
+                           "or in a cycle); remove it")
         if entry.suffix.lower() in FRAME_SUFFIXES and entry.is_file():
             frames.append(entry)
         elif entry.suffix != POSE_SUFFIX and entry.name != COCO_FILE_NAME:
@@ -216,7 +247,15 @@ def discover_tracklets(root: PathLike, default_camera: int = DEFAULT_CAMERA) -> 
 
     scan = TrackletScan(root=root, tracklets=[])
     for folder in folders:
-        frames = _frame_files(folder, scan.ignored)
+        if links_back(folder, root):
+            scan.failures.append(TrackletFailure(folder.name, "a symbolic link to the tracklets folder itself "
+                                                              "(or above it), not a tracklet; remove it"))
+            continue
+        try:
+            frames = _frame_files(folder, scan.ignored)
+        except LoopLink as exc:
+            scan.failures.append(TrackletFailure(folder.name, str(exc)))
+            continue
         if not frames:
             scan.failures.append(TrackletFailure(folder.name, f"no frames ({'/'.join(FRAME_SUFFIXES)})"))
             continue

@@ -2,8 +2,10 @@
 
 Gallery thumbnails get a green border when the identity matches the query's and a red one when
 it does not; same-identity same-camera entries are left out, as the evaluation leaves them out.
-Drawn with OpenCV (a runtime dependency) at a fixed layout, so the figure's size depends only on
-the number of rows: ``figure_size(rows)``.
+A legend under the rows says what the colours mean. Drawn with OpenCV (a runtime dependency) at
+a fixed layout: the figure is as wide as its longest row (a small gallery gives a narrow figure,
+not a blank margin), ``figure_size(rows, gallery_columns)``. ``draw_rows`` also draws the stream
+tool's figure (``track_figure``), whose rows start with several crops of one track.
 """
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -22,6 +24,7 @@ LABEL_HEIGHT = 16                       # text line above each thumbnail
 GAP = 6                                 # between cells and between rows
 QUERY_GAP = 24                          # between the query and its gallery
 MARGIN = 10
+LEGEND_LINE_HEIGHT = 18                 # one line of the legend under the rows
 TOP_K = 10
 DEFAULT_QUERIES = 5
 
@@ -35,6 +38,9 @@ PLACEHOLDER = (190, 190, 190)
 
 CELL_WIDTH = THUMB_WIDTH + 2 * BORDER
 CELL_HEIGHT = LABEL_HEIGHT + THUMB_HEIGHT + 2 * BORDER
+FONT_SCALE = 0.35
+LEGEND = ((QUERY_BORDER, "query"), (MATCH_BORDER, "same identity"), (MISMATCH_BORDER, "another identity"),
+          (PLACEHOLDER, "grey cross: frame unreadable"))
 
 
 @dataclass(frozen=True)
@@ -44,23 +50,31 @@ class Thumbnail:
     border: Tuple[int, int, int]
 
 
-def figure_size(rows: int, top_k: int = TOP_K) -> Tuple[int, int]:
-    """(width, height) in pixels of a figure with ``rows`` queries and ``top_k`` gallery columns."""
-    width = 2 * MARGIN + (1 + top_k) * CELL_WIDTH + (top_k - 1) * GAP + QUERY_GAP
-    height = 2 * MARGIN + rows * CELL_HEIGHT + (rows - 1) * GAP
+def figure_size(rows: int, gallery_columns: int = TOP_K, query_columns: int = 1,
+                legend_lines: int = 0) -> Tuple[int, int]:
+    """(width, height) in pixels of ``rows`` rows of ``query_columns`` thumbnails, a gap, and
+    ``gallery_columns`` thumbnails, with ``legend_lines`` lines of legend under them."""
+    width = 2 * MARGIN + (query_columns + gallery_columns) * CELL_WIDTH \
+        + (query_columns - 1 + max(gallery_columns - 1, 0)) * GAP + QUERY_GAP
+    height = 2 * MARGIN + rows * CELL_HEIGHT + (rows - 1) * GAP + legend_lines * LEGEND_LINE_HEIGHT
     return width, height
 
 
-def cell_origin(row: int, column: int) -> Tuple[int, int]:
-    """(x, y) of the top-left corner of a thumbnail's border; column 0 is the query."""
-    x = MARGIN + column * CELL_WIDTH + (column - 1) * GAP + QUERY_GAP if column else MARGIN
+def cell_origin(row: int, column: int, query_columns: int = 1) -> Tuple[int, int]:
+    """(x, y) of the top-left corner of a thumbnail's border; columns below ``query_columns``
+    are the query's, the gallery's follow after QUERY_GAP."""
+    if column < query_columns:
+        x = MARGIN + column * (CELL_WIDTH + GAP)
+    else:
+        x = MARGIN + query_columns * CELL_WIDTH + (query_columns - 1) * GAP + QUERY_GAP \
+            + (column - query_columns) * (CELL_WIDTH + GAP)
     y = MARGIN + row * (CELL_HEIGHT + GAP) + LABEL_HEIGHT
     return x, y
 
 
-def _draw_cell(canvas: np.ndarray, row: int, column: int, thumbnail: Thumbnail) -> None:
+def _draw_cell(canvas: np.ndarray, row: int, column: int, thumbnail: Thumbnail, query_columns: int = 1) -> None:
     cv2 = require("cv2")
-    x, y = cell_origin(row, column)
+    x, y = cell_origin(row, column, query_columns)
     canvas[y:y + THUMB_HEIGHT + 2 * BORDER, x:x + CELL_WIDTH] = thumbnail.border
     inner = canvas[y + BORDER:y + BORDER + THUMB_HEIGHT, x + BORDER:x + BORDER + THUMB_WIDTH]
     if thumbnail.image is None:
@@ -71,21 +85,46 @@ def _draw_cell(canvas: np.ndarray, row: int, column: int, thumbnail: Thumbnail) 
         cv2.line(canvas, (right, top), (left, bottom), TEXT, 1)
     else:
         inner[:] = cv2.resize(thumbnail.image, (THUMB_WIDTH, THUMB_HEIGHT), interpolation=cv2.INTER_AREA)
-    cv2.putText(canvas, thumbnail.label[:12], (x, y - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, TEXT, 1,
+    cv2.putText(canvas, thumbnail.label[:12], (x, y - 4), cv2.FONT_HERSHEY_SIMPLEX, FONT_SCALE, TEXT, 1,
                 cv2.LINE_AA)
 
 
-def draw_rows(rows: Sequence[Tuple[Thumbnail, Sequence[Thumbnail]]], top_k: int = TOP_K) -> np.ndarray:
-    """RGB uint8 figure: per row a query thumbnail and up to ``top_k`` gallery thumbnails."""
+def _legend_width(legend: Sequence[Tuple[Tuple[int, int, int], str]]) -> int:
+    cv2 = require("cv2")
+    widths = [LEGEND_LINE_HEIGHT + cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, FONT_SCALE, 1)[0][0]
+              for _, text in legend]
+    return 2 * MARGIN + max(widths, default=0)
+
+
+def _draw_legend(canvas: np.ndarray, legend: Sequence[Tuple[Tuple[int, int, int], str]]) -> None:
+    """One line per colour under the rows: a swatch, then what it means."""
+    cv2 = require("cv2")
+    top = canvas.shape[0] - MARGIN - len(legend) * LEGEND_LINE_HEIGHT
+    for line, (colour, text) in enumerate(legend):
+        y = top + line * LEGEND_LINE_HEIGHT
+        canvas[y + 3:y + LEGEND_LINE_HEIGHT - 3, MARGIN:MARGIN + LEGEND_LINE_HEIGHT - 6] = colour
+        cv2.putText(canvas, text, (MARGIN + LEGEND_LINE_HEIGHT, y + LEGEND_LINE_HEIGHT - 5), cv2.FONT_HERSHEY_SIMPLEX,
+                    FONT_SCALE, TEXT, 1, cv2.LINE_AA)
+
+
+def draw_rows(rows: Sequence[Tuple[object, Sequence[Thumbnail]]], top_k: int = TOP_K,
+              legend: Sequence[Tuple[Tuple[int, int, int], str]] = LEGEND) -> np.ndarray:
+    """RGB uint8 figure: per row the query's thumbnail (or a list of them) and up to ``top_k``
+    gallery thumbnails, then the legend. The figure is as wide as its longest row."""
     if not rows:
         raise KeyreidError("a ranking figure needs at least one query")
-    width, height = figure_size(len(rows), top_k)
-    canvas = np.empty((height, width, 3), dtype=np.uint8)
+    queries = [[query] if isinstance(query, Thumbnail) else list(query) for query, _ in rows]
+    query_columns = max(1, max(len(query) for query in queries))
+    gallery_columns = max(1, min(top_k, max(len(gallery) for _, gallery in rows)))
+    width, height = figure_size(len(rows), gallery_columns, query_columns, len(legend))
+    canvas = np.empty((height, max(width, _legend_width(legend)), 3), dtype=np.uint8)
     canvas[:] = BACKGROUND
-    for row, (query, gallery) in enumerate(rows):
-        _draw_cell(canvas, row, 0, query)
-        for rank, thumbnail in enumerate(gallery[:top_k], start=1):
-            _draw_cell(canvas, row, rank, thumbnail)
+    for row, (query, (_, gallery)) in enumerate(zip(queries, rows)):
+        for column, thumbnail in enumerate(query):
+            _draw_cell(canvas, row, column, thumbnail, query_columns)
+        for rank, thumbnail in enumerate(gallery[:top_k]):
+            _draw_cell(canvas, row, query_columns + rank, thumbnail, query_columns)
+    _draw_legend(canvas, legend)
     return canvas
 
 
