@@ -41,6 +41,10 @@ from keyreid.triton import (DEFAULT_MAX_BATCH, DEFAULT_MODEL_NAME, DEFAULT_PORTS
                             preferred_batch_sizes, wire_dims)
 
 EXIT_TIMEOUT_S = 5          # longest the server waits for in-flight requests when stopping
+# The token that unlocks the server's administrative endpoints (statistics, repository, logging);
+# read from the environment, where other users of the machine cannot read it (a command line is
+# visible to them). Unset: a random token nobody is told, which keeps them locked.
+ACCESS_TOKEN_VARIABLE = "KEYREID_TRITON_ACCESS_TOKEN"
 
 
 @contextlib.contextmanager
@@ -137,7 +141,9 @@ For a Triton container, write a model repository with export/to_triton.py instea
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="serve_triton.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION,
-        epilog="Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).")
+        epilog=f"Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).\n"
+               f"The environment variable {ACCESS_TOKEN_VARIABLE}, if set, is the token that unlocks the "
+               "server's\nadministrative endpoints (statistics, model repository, logging); unset, they stay locked.")
     parser.add_argument("--engine", type=Path, required=True, metavar="FILE",
                         help="the model to serve: .onnx or .plan/.engine/.trt")
     parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name on the server (default: %(default)s)")
@@ -164,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_batch = args.max_batch or engine.max_batch or DEFAULT_MAX_BATCH
         with triton_server(engine, name=args.name, host=args.host, grpc_port=args.grpc_port,
                            http_port=args.http_port, max_batch=max_batch,
-                           max_queue_delay_us=args.max_queue_delay_us, verbose=args.verbose):
+                           max_queue_delay_us=args.max_queue_delay_us, verbose=args.verbose,
+                           access_token=os.environ.get(ACCESS_TOKEN_VARIABLE) or None):
             print(f"serving {args.engine} as grpc://{args.host}:{args.grpc_port}/{args.name} and "
                   f"http://{args.host}:{args.http_port}/{args.name} (max batch {max_batch}); Ctrl-C stops",
                   file=sys.stderr, flush=True)
