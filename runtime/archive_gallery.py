@@ -33,28 +33,19 @@ import numpy as np
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
 from keyreid.runtime.batch_output import EMBEDDING_COLUMN, part_files, read_part_metadata
-from keyreid.runtime.gallery import EXCLUDE_CHOICES, NO_LABEL, Exclude, Match
+from keyreid.runtime.gallery import (DEFAULT_NPROBES, DEFAULT_REFINE_FACTOR, EXCLUDE_CHOICES, INDEX_MIN_ROWS,
+                                     NO_LABEL, Exclude, Match)
 
 PathLike = Union[str, Path]
 
 TABLE = "tracklets"
 KEY_COLUMNS = ("source", "name")
-INDEX_MIN_ROWS = 4096              # below this an exact scan is quick, and IVF-PQ trains poorly
 ROWS_PER_WRITE = 512               # rows per merge: bounds the memory an add holds (ViT-B: 40 MB)
-DEFAULT_NPROBES = 32               # IVF partitions searched per query
-DEFAULT_REFINE_FACTOR = 20         # candidates re-ranked exactly: refine_factor x k
 SUB_VECTOR_WIDTH = 32              # PQ: floats per sub-vector (19200 -> 600 one-byte codes)
 
 
-def is_archive_location(location: PathLike) -> bool:
-    """True for what names an archive: a URI (``s3://...``), or a path that is not a .npz file
-    (a folder, existing or to be made)."""
-    text = str(location)
-    return "://" in text or not text.lower().endswith(".npz")
-
-
 def _schema(dim: int):
-    pa = require("pyarrow", ("archive", "the archive gallery"))
+    pa = require("pyarrow")
     return pa.schema([
         pa.field("name", pa.string(), nullable=False), pa.field("source", pa.string(), nullable=False),
         pa.field("label", pa.string(), nullable=False), pa.field("camera", pa.int64(), nullable=False),
@@ -84,7 +75,7 @@ class ArchiveGallery:
             dim: the feature length the caller needs; a mismatch is a KeyreidError.
             storage_options: LanceDB's object-store settings (credentials, region, endpoint).
         """
-        lancedb = require("lancedb", ("archive", "the archive gallery"))
+        lancedb = require("lancedb")
         self.location = str(location)
         local = "://" not in self.location
         if local and Path(self.location).is_file():
@@ -125,7 +116,7 @@ class ArchiveGallery:
                  sources: Optional[Sequence[str]] = None) -> int:
         """Add entries; those whose (source, name) the archive holds are left as they are.
         Returns how many were added. Everything is checked before anything is written."""
-        pa = require("pyarrow", ("archive", "the archive gallery"))
+        pa = require("pyarrow")
         features = np.asarray(features)
         count = len(features)
         if features.ndim != 2 or features.shape[1] != self.dim or features.dtype.kind not in "fiu":
@@ -158,7 +149,7 @@ class ArchiveGallery:
         """Add every tracklet of a batch.py output folder, part by part, ``ROWS_PER_WRITE`` rows at
         a time (pid -> label, -1: none). Returns how many were added."""
         added = 0
-        for columns in _batch_output_rows(Path(folder)):
+        for columns in batch_output_chunks(folder):
             count = len(columns["name"])
             labels = [None if int(pid) < 0 else str(int(pid)) for pid in columns["pid"]]
             added += self.add_many(columns[EMBEDDING_COLUMN], columns["camera"], columns["name"],
@@ -174,7 +165,7 @@ class ArchiveGallery:
         Defaults: sqrt(n) partitions; sub-vectors of ``SUB_VECTOR_WIDTH`` floats (the feature
         length must divide by the count). Training reads ``sample_rate`` x partitions entries.
         """
-        index_module = require("lancedb.index", ("archive", "the archive gallery"))
+        index_module = require("lancedb.index")
         rows = len(self)
         if rows < INDEX_MIN_ROWS:
             raise KeyreidError(f"the archive holds {rows} entries; an index needs at least {INDEX_MIN_ROWS} "
@@ -186,6 +177,15 @@ class ArchiveGallery:
         config = index_module.IvfPq(distance_type="l2", num_partitions=partitions, num_sub_vectors=sub_vectors,
                                     sample_rate=sample_rate, max_iterations=max_iterations)
         self._table.create_index(EMBEDDING_COLUMN, config=config, replace=True)
+
+    def update_index(self) -> None:
+        """Add the entries that came after the index to it (no retraining), and merge small files."""
+        self._table.optimize()
+
+    @property
+    def backend(self) -> str:
+        """What searches it, for messages."""
+        return "lancedb ivf-pq" if self.has_index else "lancedb exact"
 
     # --- searching -----------------------------------------------------------------------------
     def where_clause(self, camera: Optional[int] = None, label: Union[str, int, None] = None,
@@ -250,9 +250,17 @@ class ArchiveGallery:
                     result["label"], result["name"])]
 
 
-def _batch_output_rows(folder: Path) -> Iterator[Dict[str, np.ndarray]]:
-    """A batch.py output folder's rows, ``ROWS_PER_WRITE`` at a time, as NumPy columns."""
-    parquet = require("pyarrow.parquet", ("archive", "the archive gallery"))
+def batch_output_sources(folder: PathLike) -> set:
+    """The values of a batch.py output's ``source`` column (query/gallery for MARS)."""
+    parquet = require("pyarrow.parquet")
+    return {source for path in part_files(folder)
+            for source in parquet.read_table(path, columns=["source"]).column("source").to_pylist()}
+
+
+def batch_output_chunks(folder: PathLike) -> Iterator[Dict[str, np.ndarray]]:
+    """A batch.py output folder's rows, ``ROWS_PER_WRITE`` at a time, as NumPy columns
+    (``embedding`` [n, E] float32)."""
+    parquet = require("pyarrow.parquet")
     parts = part_files(folder)
     if not parts:
         raise KeyreidError(f"{folder} holds no Parquet parts of batch.py (part-*.parquet)")

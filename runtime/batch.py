@@ -186,9 +186,8 @@ def check_output_folder(output: Path, inputs: Sequence[Path], engine: object) ->
 
 # ----------------------------------------------------------------------------- Ray
 
-def start_ray(args: argparse.Namespace):
+def start_ray(ray, args: argparse.Namespace) -> None:
     """``ray.init`` on a new local instance, or connected to the cluster at --address."""
-    ray = require("ray")
     options = {"log_to_driver": not args.quiet, "logging_level": logging.WARNING if args.quiet else logging.INFO}
     if args.address is None:
         options.update(address="local", include_dashboard=False)
@@ -206,7 +205,6 @@ def start_ray(args: argparse.Namespace):
     if args.quiet:          # after ray.init and Ray Data's import, which set up their loggers
         for name in RAY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
-    return ray
 
 
 def pipeline_failure(exc: BaseException, written: int, output: Path) -> KeyreidError:
@@ -221,31 +219,37 @@ def pipeline_failure(exc: BaseException, written: int, output: Path) -> KeyreidE
 
 
 class PartWriter:
-    """Rows from the pipeline -> parts: buffered, written whole every N rows or S seconds."""
+    """Rows from the pipeline -> parts of at most N rows, written whole when N rows are in, or
+    S seconds after the last part, whichever comes first."""
 
     def __init__(self, output: BatchOutput, rows_per_part: int, part_seconds: float, quiet: bool):
         self.output, self.rows_per_part, self.part_seconds, self.quiet = output, rows_per_part, part_seconds, quiet
-        self._rows: Dict[str, List[np.ndarray]] = {name: [] for name in (*LABEL_COLUMNS, EMBEDDING_COLUMN)}
+        self._pieces: List[Dict[str, np.ndarray]] = []
         self._count = 0
         self._since = time.monotonic()
         self.names: set = set()
 
     def add(self, batch: Dict[str, np.ndarray], keep: np.ndarray) -> None:
-        for name, values in self._rows.items():
-            values.append(np.asarray(batch[name])[keep])
+        self._pieces.append({name: np.asarray(batch[name])[keep] for name in (*LABEL_COLUMNS, EMBEDDING_COLUMN)})
         self._count += int(keep.sum())
-        if self._count >= self.rows_per_part or time.monotonic() - self._since >= self.part_seconds:
+        while self._count >= self.rows_per_part:
+            self._write(self.rows_per_part)
+        if time.monotonic() - self._since >= self.part_seconds:
             self.flush()
 
     def flush(self) -> None:
+        """Write every row held (on time, at the end, or when the run stops)."""
         if self._count:
-            columns = {name: np.concatenate(values) for name, values in self._rows.items()}
-            path = self.output.write_part(columns)
-            if not self.quiet:
-                print(f"      wrote {path.name} ({self._count} tracklets)", file=sys.stderr, flush=True)
-        self._rows = {name: [] for name in self._rows}
-        self._count = 0
+            self._write(self._count)
+
+    def _write(self, count: int) -> None:
+        rows = {name: np.concatenate([piece[name] for piece in self._pieces]) for name in self._pieces[0]}
+        path = self.output.write_part({name: values[:count] for name, values in rows.items()})
+        self._pieces = [{name: values[count:] for name, values in rows.items()}]
+        self._count -= count
         self._since = time.monotonic()
+        if not self.quiet:
+            print(f"      wrote {path.name} ({count} tracklets)", file=sys.stderr, flush=True)
 
 
 def run_pipeline(ray, rows: List[Dict[str, object]], options: PipelineOptions, writer: PartWriter,
@@ -295,6 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_arguments(parser, args)
     options = engine_options(args, args.engine)
     open_engine(args.engine, **options)         # checks the file and the options; loads nothing
+    ray = require("ray")                        # before anything is made: says which extra is missing
 
     steps = Steps(total=3, quiet=args.quiet)
     steps("finding tracklets")
@@ -313,7 +318,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         clips, seconds = 0, 0.0
         if todo:
             steps(f"starting Ray ({'cluster at ' + args.address if args.address else 'local instance'})")
-            ray = start_ray(args)
+            start_ray(ray, args)
             pipeline = PipelineOptions(
                 engine=args.engine, engine_options=options, actors=args.actors,
                 cpus_per_actor=args.cpus_per_actor,

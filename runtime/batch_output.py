@@ -70,7 +70,7 @@ def part_files(folder: PathLike) -> List[Path]:
 
 
 def part_schema(embedding_dim: int, identity: Mapping[str, str]):
-    pa = require("pyarrow", ("ray", "batch.py's Parquet output"))
+    pa = require("pyarrow")
     fields = [pa.field(name, getattr(pa, kind)(), nullable=False) for name, kind in LABEL_COLUMNS.items()]
     fields.append(pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), embedding_dim), nullable=False))
     metadata = {"format": FORMAT, "embedding_dim": str(embedding_dim), **identity}
@@ -79,7 +79,7 @@ def part_schema(embedding_dim: int, identity: Mapping[str, str]):
 
 def read_part_metadata(path: Path) -> Dict[str, str]:
     """A part's schema metadata; KeyreidError if it is not a readable part of this format."""
-    parquet = require("pyarrow.parquet", ("ray", "batch.py's Parquet output"))
+    parquet = require("pyarrow.parquet")
     try:
         schema = parquet.read_schema(path)
     except (OSError, ValueError) as exc:       # pyarrow's ArrowInvalid is a ValueError
@@ -136,7 +136,7 @@ class BatchOutput:
     # --- what is done --------------------------------------------------------------------------
     def done_names(self) -> Set[str]:
         """Names of the tracklets earlier runs wrote; refuses parts of another engine."""
-        parquet = require("pyarrow.parquet", ("ray", "batch.py's Parquet output"))
+        parquet = require("pyarrow.parquet")
         names: Set[str] = set()
         for path in part_files(self.folder):
             metadata = read_part_metadata(path)
@@ -159,8 +159,8 @@ class BatchOutput:
     # --- writing -------------------------------------------------------------------------------
     def write_part(self, columns: Mapping[str, np.ndarray]) -> Path:
         """Write one part whole from ``columns`` (the label columns and ``embedding`` [n, E])."""
-        pa = require("pyarrow", ("ray", "batch.py's Parquet output"))
-        parquet = require("pyarrow.parquet", ("ray", "batch.py's Parquet output"))
+        pa = require("pyarrow")
+        parquet = require("pyarrow.parquet")
         embeddings = np.ascontiguousarray(columns[EMBEDDING_COLUMN], dtype=np.float32)
         width = embeddings.shape[1]
         if self.embedding_dim not in (None, width):
@@ -187,7 +187,7 @@ class BatchOutput:
 def read_output(folder: PathLike, columns: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
     """Every part of an output folder as NumPy columns (``embedding`` as [n, E] float32), in
     part order. For tests and small outputs; the archive gallery streams the parts instead."""
-    parquet = require("pyarrow.parquet", ("ray", "batch.py's Parquet output"))
+    parquet = require("pyarrow.parquet")
     paths = part_files(folder)
     if not paths:
         raise KeyreidError(f"{folder} holds no {PART_PREFIX}*{PART_SUFFIX} files of batch.py")
