@@ -236,7 +236,7 @@ class ArchiveGallery:
             raise KeyreidError(f"k must be at least 1, got {k}")
         where = self.where_clause(camera, label, exclude, cameras, since, until)
         builder = (self._table.search(query, vector_column_name=EMBEDDING_COLUMN).distance_type("l2")
-                   .select(["name", "source", "label", "camera", "timestamp"]).with_row_id(True).limit(int(k)))
+                   .select(["name", "source", "label", "camera", "timestamp", "_distance"]).with_row_id(True).limit(int(k)))
         if exact:
             builder = builder.bypass_vector_index()
         else:
