@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keyreid.cli import Steps, non_negative_float, positive_float, positive_int, run_main
+from keyreid.cli import Steps, non_negative_float, non_negative_int, positive_float, positive_int, run_main
 from keyreid.contract import MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument("--tracklets-per-batch", type=positive_int, default=4, metavar="N",
                            help="tracklets an actor gets per call; their clips share engine batches "
                                 "(default: %(default)s)")
-    ray_group.add_argument("--max-restarts", type=positive_int, default=3, metavar="N",
+    ray_group.add_argument("--max-restarts", type=non_negative_int, default=3, metavar="N",
                            help="times a dead actor is restarted and its batch retried (default: %(default)s)")
     ray_group.add_argument("--object-store-gib", type=positive_float, metavar="GIB",
                            help="local Ray only: shared memory for decoded frames in flight (default: Ray's, "
