@@ -325,6 +325,13 @@ def test_an_output_folder_of_another_engine_or_in_use_is_refused(reduced_onnx, t
     assert len(part_files(output)) == 1
 
 
+def test_the_runtime_core_imports_neither_ray_nor_lancedb():
+    script = ("import sys, keyreid.runtime, keyreid.runtime.infer, keyreid.runtime.gallery\n"
+              "print(sorted(name for name in ('ray', 'lancedb', 'pyarrow') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
 def test_batch_modules_import_without_ray_and_say_which_extra_to_install(reduced_onnx, tracklets, tmp_path):
     script = ("import sys; sys.modules['ray'] = None; sys.modules['torch'] = None\n"
               "from keyreid.cli import run_main; from keyreid.runtime import batch\n"
