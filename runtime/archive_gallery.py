@@ -11,6 +11,9 @@ searches with an IVF-PQ index: product-quantised codes in the partitions nearest
 distances returned are exact squared Euclidean distances, as ``Gallery``'s are
 (docs/contract.md §4). Until an index is built (``build_index``; ``gallery.py build`` builds one
 from ``INDEX_MIN_ROWS`` entries on), and for entries added after it, search is exact.
+LanceDB trains and writes the index in memory: about 2.3 times the features (17.6 GiB for
+100 000 ViT-B features, 7.7 GB; benchmarks/RESULTS.md section 9), which bounds the archive one
+machine can index; entries added later join the index without retraining (``update_index``).
 
 Filters run before the nearest entries are taken (LanceDB's prefilter), so a search returns k
 entries that pass them whenever k do: leave out the query's camera, or its label and camera
@@ -26,21 +29,20 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.batch_output import EMBEDDING_COLUMN, part_files, read_part_metadata
+from keyreid.runtime.batch_output import EMBEDDING_COLUMN, output_chunks
 from keyreid.runtime.gallery import (DEFAULT_NPROBES, DEFAULT_REFINE_FACTOR, EXCLUDE_CHOICES, INDEX_MIN_ROWS,
-                                     NO_LABEL, Exclude, Match)
+                                     NO_LABEL, OUTPUT_CHUNK_ROWS, Exclude, Match)
 
 PathLike = Union[str, Path]
 
 TABLE = "tracklets"
 KEY_COLUMNS = ("source", "name")
-ROWS_PER_WRITE = 512               # rows per merge: bounds the memory an add holds (ViT-B: 40 MB)
 SUB_VECTOR_WIDTH = 32              # PQ: floats per sub-vector (19200 -> 600 one-byte codes)
 
 
@@ -146,10 +148,10 @@ class ArchiveGallery:
         return int(result.num_inserted_rows)
 
     def add_batch_output(self, folder: PathLike, timestamp: Optional[float] = None) -> int:
-        """Add every tracklet of a batch.py output folder, part by part, ``ROWS_PER_WRITE`` rows at
-        a time (pid -> label, -1: none). Returns how many were added."""
+        """Add every tracklet of a batch.py output folder, part by part, ``OUTPUT_CHUNK_ROWS`` rows
+        at a time (pid -> label, -1: none). Returns how many were added."""
         added = 0
-        for columns in batch_output_chunks(folder):
+        for columns in output_chunks(folder, OUTPUT_CHUNK_ROWS):
             count = len(columns["name"])
             labels = [None if int(pid) < 0 else str(int(pid)) for pid in columns["pid"]]
             added += self.add_many(columns[EMBEDDING_COLUMN], columns["camera"], columns["name"],
@@ -164,6 +166,7 @@ class ArchiveGallery:
 
         Defaults: sqrt(n) partitions; sub-vectors of ``SUB_VECTOR_WIDTH`` floats (the feature
         length must divide by the count). Training reads ``sample_rate`` x partitions entries.
+        Needs memory for about 2.3 times the features (see the module's notes).
         """
         index_module = require("lancedb.index")
         rows = len(self)
@@ -248,26 +251,3 @@ class ArchiveGallery:
                 for row_id, distance, camera_, timestamp, label_, name in zip(
                     result["_rowid"], result["_distance"], result["camera"], result["timestamp"],
                     result["label"], result["name"])]
-
-
-def batch_output_sources(folder: PathLike) -> set:
-    """The values of a batch.py output's ``source`` column (query/gallery for MARS)."""
-    parquet = require("pyarrow.parquet")
-    return {source for path in part_files(folder)
-            for source in parquet.read_table(path, columns=["source"]).column("source").to_pylist()}
-
-
-def batch_output_chunks(folder: PathLike) -> Iterator[Dict[str, np.ndarray]]:
-    """A batch.py output folder's rows, ``ROWS_PER_WRITE`` at a time, as NumPy columns
-    (``embedding`` [n, E] float32)."""
-    parquet = require("pyarrow.parquet")
-    parts = part_files(folder)
-    if not parts:
-        raise KeyreidError(f"{folder} holds no Parquet parts of batch.py (part-*.parquet)")
-    for path in parts:
-        width = int(read_part_metadata(path)["embedding_dim"])
-        for batch in parquet.ParquetFile(path).iter_batches(batch_size=ROWS_PER_WRITE):
-            columns = {name: batch.column(name).to_numpy(zero_copy_only=False)
-                       for name in ("name", "source", "pid", "camera")}
-            columns[EMBEDDING_COLUMN] = batch.column(EMBEDDING_COLUMN).flatten().to_numpy().reshape(-1, width)
-            yield columns

@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Set, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Set, Union
 
 import numpy as np
 
@@ -201,3 +201,25 @@ def read_output(folder: PathLike, columns: Optional[List[str]] = None) -> Dict[s
         else:
             result[name] = np.concatenate([table.column(name).to_numpy() for table in tables])
     return result
+
+
+def output_sources(folder: PathLike) -> Set[str]:
+    """The values of an output folder's ``source`` column (query and gallery for MARS)."""
+    parquet = require("pyarrow.parquet")
+    return {source for path in part_files(folder)
+            for source in parquet.read_table(path, columns=["source"]).column("source").to_pylist()}
+
+
+def output_chunks(folder: PathLike, rows_per_chunk: int) -> Iterator[Dict[str, np.ndarray]]:
+    """An output folder's rows, part by part, at most ``rows_per_chunk`` at a time, as NumPy
+    columns (``embedding`` [n, E] float32): what reads a large output without holding it whole."""
+    parquet = require("pyarrow.parquet")
+    parts = part_files(folder)
+    if not parts:
+        raise KeyreidError(f"{folder} holds no {PART_PREFIX}*{PART_SUFFIX} files of batch.py")
+    for path in parts:
+        width = int(read_part_metadata(path)["embedding_dim"])
+        for batch in parquet.ParquetFile(path).iter_batches(batch_size=rows_per_chunk):
+            columns = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in LABEL_COLUMNS}
+            columns[EMBEDDING_COLUMN] = batch.column(EMBEDDING_COLUMN).flatten().to_numpy().reshape(-1, width)
+            yield columns

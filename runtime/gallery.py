@@ -46,6 +46,7 @@ INITIAL_CAPACITY = 1024
 INDEX_MIN_ROWS = 4096              # below this an exact scan is quick, and IVF-PQ trains poorly
 DEFAULT_NPROBES = 32               # IVF partitions searched per query
 DEFAULT_REFINE_FACTOR = 20         # candidates re-ranked exactly: refine_factor x k
+OUTPUT_CHUNK_ROWS = 512            # batch.py rows read at a time by build (ViT-B: 40 MB)
 
 
 def is_archive_location(location: PathLike) -> bool:
@@ -402,9 +403,9 @@ def _input_chunks(path: Path, rows: str, default_rows: str) -> Iterator[Dict[str
     if not path.is_dir():
         yield _read_embeddings(path, rows, default_rows)
         return
-    from keyreid.runtime.archive_gallery import batch_output_chunks, batch_output_sources
-    marks_queries = "query" in batch_output_sources(path)
-    for columns in batch_output_chunks(path):
+    from keyreid.runtime.batch_output import output_chunks, output_sources
+    marks_queries = "query" in output_sources(path)
+    for columns in output_chunks(path, OUTPUT_CHUNK_ROWS):
         yield _select_rows(_batch_output_arrays(columns, marks_queries), rows, default_rows, path)
 
 
