@@ -28,6 +28,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -257,11 +258,11 @@ def _timed(command) -> dict:
             "end_to_end_clips_per_s": round(int(clips) / wall, 3)}
 
 
-def batch_command(args) -> dict:
+def _batch_rounds(args, work: Path):
+    """The interleaved rounds in ``work``: ({tool: [measurements]}, largest relative difference)."""
     from keyreid.runtime.batch_output import read_output
     from keyreid.synthetic import write_synthetic_tracklet
 
-    work = Path(tempfile.mkdtemp(prefix="bench-batch-", dir=args.workdir))
     rng = np.random.default_rng(0)
     for index in range(args.tracklets):
         write_synthetic_tracklet(work / "tracklets" / f"t{index:03d}", args.frames, rng)
@@ -280,6 +281,15 @@ def batch_command(args) -> dict:
     order = [written["name"].tolist().index(name) for name in reference["tracklets"].tolist()]
     relative = float(np.abs(written["embedding"][order] - reference["embeddings"]).max()
                      / np.abs(reference["embeddings"]).max())
+    return runs, relative
+
+
+def batch_command(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="bench-batch-", dir=args.workdir))
+    try:
+        runs, relative = _batch_rounds(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     results = {"engine": str(args.engine), "tracklets": args.tracklets, "frames": args.frames,
                "threads": args.threads, "rounds": runs, "max_relative_difference": relative}
     for measure in ("end_to_end_clips_per_s", "loop_clips_per_s"):
