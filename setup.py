@@ -33,11 +33,21 @@ OPENVINO = ["openvino>=2026.0", "onnx>=1.16"]
 OPENVINO_INT8 = OPENVINO + ["nncf>=3.4"]
 # setuptools: tests/test_install.py installs offline (--no-build-isolation) with the one installed,
 # which pyproject.toml's minimum must cover.
-TEST = ["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10", "setuptools>=70.1"] + GALLERY + OPENVINO_INT8
+# Batch embedding across machines (runtime/batch.py on Ray Data); pyarrow, which Ray Data brings,
+# writes its Parquet output. Tested with 2.60; below 2.64, which drops the way runtime/serving/ray_pipeline.py
+# bounds an actor's restarts (max_restarts through map_batches' ray_remote_args).
+RAY = ["ray[data]>=2.50,<2.64", "pyarrow>=14"]
+# The archive gallery (runtime/results/archive_gallery.py): LanceDB, embedded, in a folder on disk or on
+# object storage; reads batch.py's Parquet output. Tested with 0.40.
+ARCHIVE = ["lancedb>=0.25", "pyarrow>=14"]
+TEST = (["pytest>=7", "pytest-benchmark>=4", "pillow>=9", "scipy>=1.10", "setuptools>=70.1"]
+        + GALLERY + OPENVINO_INT8 + RAY + ARCHIVE)
 # The Triton client (engine grpc:// and http://) and Triton's ModelConfig protobuf (repository checks).
 TRITON = ["tritonclient[grpc,http]>=2.40"]
 # PyTriton bundles a CPU-capable tritonserver (Linux x86_64/aarch64, glibc >= 2.35, about 190 MB
-# installed); runtime/serve_triton.py and the loopback tests run on it. It pins numpy < 2.
+# installed); runtime/serve_triton.py and the loopback tests run on it. It pins numpy < 2 (and
+# older OpenCV and protobuf with it), so the test extra leaves it out: the Triton tests build an
+# environment of their own from this extra (benchmarks/triton_server_env.py) and start the server there.
 TRITON_SERVER = TRITON + ['nvidia-pytriton>=0.5; platform_system == "Linux" and platform_machine in "x86_64 aarch64"']
 
 
@@ -76,7 +86,9 @@ setup(
         "openvino-int8": OPENVINO_INT8,
         "triton": TRITON,
         "triton-server": TRITON_SERVER,
-        "test": EXPORT + TEST + TRITON_SERVER,
+        "ray": RAY,
+        "archive": ARCHIVE,
+        "test": EXPORT + TEST + TRITON,
         "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10", "cuda-python>=12"],
     },
 )

@@ -41,6 +41,8 @@ SUBCOMMANDS: Dict[str, Subcommand] = {
                         "tracklet folders -> embeddings; query/gallery evaluation and rankings"),
     "stream": Subcommand("keyreid.runtime.stream", "runtime/stream.py",
                          "video files and network streams with a tracker's tracks -> matched tracks"),
+    "batch": Subcommand("keyreid.runtime.batch", "runtime/batch.py",
+                        "tracklet folders or MARS -> resumable Parquet embeddings on Ray Data (local or a cluster)"),
     "compare": Subcommand("keyreid.runtime.compare", "runtime/compare.py",
                           "check an engine against the reference model or another engine"),
     "gallery": Subcommand("keyreid.runtime.gallery", "runtime/gallery.py",

@@ -20,6 +20,12 @@ _EXTRAS = {
     "tritonclient.http": ("triton", "Triton Inference Server engines over HTTP"),
     "pytriton.triton": ("triton-server", "serving an engine through PyTriton's bundled Triton server"),
     "faiss": ("gallery", "FAISS gallery search"),
+    "ray": ("ray", "batch embedding on Ray (runtime/batch.py)"),
+    "ray.data": ("ray", "batch embedding on Ray (runtime/batch.py)"),
+    "pyarrow": ("ray", "batch.py's Parquet output"),
+    "pyarrow.parquet": ("ray", "batch.py's Parquet output"),
+    "lancedb": ("archive", "the archive gallery (LanceDB)"),
+    "lancedb.index": ("archive", "the archive gallery (LanceDB)"),
 }
 
 

@@ -67,6 +67,11 @@ def _relevant_log_lines(log_file: Path) -> list:
     errors = [line for line in lines if line.startswith("E")]
     return (errors or lines)[-MAX_LOG_LINES_SHOWN:]
 
+# The token that unlocks the server's administrative endpoints (statistics, repository, logging);
+# read from the environment, where other users of the machine cannot read it (a command line is
+# visible to them). Unset: a random token nobody is told, which keeps them locked.
+ACCESS_TOKEN_VARIABLE = "KEYREID_TRITON_ACCESS_TOKEN"
+
 
 @contextlib.contextmanager
 def _python_library_first() -> Iterator[None]:
@@ -175,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program_name("serve_triton.py"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description=DESCRIPTION,
-        epilog="Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).\n\n"
+        epilog=f"Ctrl-C or SIGTERM stops the server, after the requests in flight (at most 5 s).\n"
+               f"The environment variable {ACCESS_TOKEN_VARIABLE}, if set, is the token that unlocks the "
+               "server's\nadministrative endpoints (statistics, model repository, logging); unset, they stay locked.\n\n"
                "exit status: 0 stopped; 1 bad input (engine file, a port in use, a server that did not\n"
                "start); 2 wrong command-line usage.")
     parser.add_argument("--engine", type=Path, required=True, metavar="FILE",
@@ -214,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr, flush=True)
         with triton_server(engine, name=args.name, host=args.host, grpc_port=args.grpc_port,
                            http_port=args.http_port, max_batch=max_batch,
-                           max_queue_delay_us=args.max_queue_delay_us, verbose=args.verbose):
+                           max_queue_delay_us=args.max_queue_delay_us, verbose=args.verbose,
+                           access_token=os.environ.get(ACCESS_TOKEN_VARIABLE) or None):
             print(f"serving {args.engine} as grpc://{args.host}:{args.grpc_port}/{args.name} and "
                   f"http://{args.host}:{args.http_port}/{args.name} (max batch {max_batch}); Ctrl-C stops",
                   file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ TOOLS = {
     "export/to_triton.py": ["{bad_onnx}", "--repository", "{out}/models"],
     "export/to_openvino.py": ["{bad_onnx}", "-o", "{out}/model_int8.xml"],
     "runtime/infer.py": ["--engine", "{bad_onnx}", "--tracklets", "{tracklets}", "-o", "{out}/emb.npz"],
+    "runtime/batch.py": ["--engine", "{bad_onnx}", "--tracklets", "{tracklets}", "-o", "{out}/batch"],
     "runtime/stream.py": ["--engine", "{bad_onnx}", "--stream", "{bad_npz}", "{bad_npz}", "-o", "{out}/streams"],
     "runtime/compare.py": ["--engine", "{bad_onnx}", "--engine", "{bad_onnx}"],
     "runtime/gallery.py": ["build", "{bad_npz}", "-o", "{out}/gallery.npz"],
@@ -96,7 +97,7 @@ FLAG_MEANINGS = {
 # load is --plugin-library, in the runtime's tools.
 PLUGIN_FLAGS = {"export/to_tensorrt.py": "--plugin", "runtime/infer.py": "--plugin-library",
                 "runtime/compare.py": "--plugin-library", "runtime/serve_triton.py": "--plugin-library",
-                "runtime/stream.py": "--plugin-library"}
+                "runtime/stream.py": "--plugin-library", "runtime/batch.py": "--plugin-library"}
 HELPED_TOOLS = sorted(set(TOOLS) | {f"benchmarks/{name}.py" for name in (
     "bench_runner", "interleaved", "int8_accuracy", "profile_ops")})
 

@@ -140,7 +140,8 @@ def test_module_names_do_not_shadow_imports_of_the_cli_scripts():
     """Scripts run with their folder first on sys.path, so a module there named like a
     dependency (onnx.py, queue.py, ...) would be imported instead of it."""
     shadowing = {"onnx", "onnxruntime", "tensorrt", "torch", "numpy", "cv2", "queue", "io", "json",
-                 "types", "logging", "threading", "cuda", "scipy", "PIL", "csv", "select", "signal"}
+                 "types", "logging", "threading", "cuda", "scipy", "PIL", "csv", "select", "signal", "ray",
+                 "pyarrow", "lancedb"}
     names = {path.stem for folder in ("export", "runtime", "kernels", "benchmarks")
              for path in (REPO / folder).glob("*.py")}
     assert names & shadowing == set()

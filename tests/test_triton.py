@@ -4,14 +4,16 @@ writes, and the Triton engine (grpc:// and http://) against a real server on loo
 The server is the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles (Triton
 2.51, Python backend only, CPU), started by the tests on 127.0.0.1 with free ports and stopped
 after them. It serves the session's reduced ONNX model through keyreid's ONNX Runtime engine
-(runtime/serve_triton.py) with server-side dynamic batching. That build has no ONNX Runtime or
-TensorRT backend, so the repository itself is checked by parsing config.pbtxt with Triton's own
-ModelConfig protobuf (tritonclient) instead of by loading it.
+(runtime/serve_triton.py) with server-side dynamic batching. PyTriton pins numpy < 2, so the
+server runs as a subprocess from an environment of its own, made once from the
+``[triton-server]`` extra (benchmarks/triton_server_env.py); the clients run here, on numpy 2. That
+build has no ONNX Runtime or TensorRT backend, so the repository itself is checked by parsing
+config.pbtxt with Triton's own ModelConfig protobuf (tritonclient) instead of by loading it.
 """
 import json
+import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,6 +32,8 @@ from keyreid.runtime.backends.triton import TritonLocation
 from keyreid.runtime.backends import open_engine
 from keyreid.synthetic import realistic_keypoints, synthetic_feed, synthetic_frames
 from keyreid.triton import parameters_from_config
+from keyreid.benchmarks.triton_server_env import (ServerEnvironmentError, free_port, keyreid_copy, server_python,
+                                                  triton_server_process)
 from toy_engine_model import toy_metadata
 
 grpc_client = pytest.importorskip("tritonclient.grpc")
@@ -40,12 +44,6 @@ SERVER_MAX_BATCH = 4
 SERVER_QUEUE_DELAY_US = 200_000   # long, so that concurrent requests reliably share a batch
 ACCESS_TOKEN = "keyreid-test-token"   # unlocks the server's statistics endpoint
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_tool(module, *argv) -> int:
@@ -203,20 +201,28 @@ def test_repository_refuses_to_overwrite_its_own_input(onnx_repository, capsys):
 
 # ----------------------------------------------------------------------------- a real server
 
-@pytest.fixture(scope="module")
-def server(reduced_onnx, tmp_path_factory):
-    """keyreid's ONNX Runtime engine behind the bundled tritonserver, on loopback, for this module."""
-    pytest.importorskip("pytriton")
-    from keyreid.runtime.serve_triton import triton_server
+@pytest.fixture(scope="session")
+def server_environment(tmp_path_factory):
+    """(the server environment's Python, a copy of this checkout's keyreid for its PYTHONPATH).
+    Outside CI an environment that cannot be made (offline, no cached one) skips the server
+    tests with the reason; in CI (CI=true) it fails them."""
+    try:
+        return server_python(), keyreid_copy(tmp_path_factory.mktemp("server_keyreid"))
+    except (ServerEnvironmentError, subprocess.TimeoutExpired) as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no environment for the Triton server: {exc}")
 
-    grpc_port, http_port = free_port(), free_port()
-    with open_engine(reduced_onnx, providers=["CPUExecutionProvider"]) as engine:
-        with triton_server(engine, grpc_port=grpc_port, http_port=http_port, max_batch=SERVER_MAX_BATCH,
-                           max_queue_delay_us=SERVER_QUEUE_DELAY_US,
-                           workspace=tmp_path_factory.mktemp("pytriton") / "workspace",
-                           access_token=ACCESS_TOKEN):
-            yield {"grpc": f"grpc://127.0.0.1:{grpc_port}/keyreid", "http": f"http://127.0.0.1:{http_port}/keyreid",
-                   "grpc_server": f"127.0.0.1:{grpc_port}"}
+
+@pytest.fixture(scope="module")
+def server(server_environment, reduced_onnx, tmp_path_factory):
+    """keyreid's ONNX Runtime engine behind the bundled tritonserver, on loopback, for this module."""
+    python, keyreid_path = server_environment
+    log = tmp_path_factory.mktemp("triton_server") / "server.log"
+    with triton_server_process(python, keyreid_path, reduced_onnx, log, max_batch=SERVER_MAX_BATCH,
+                               max_queue_delay_us=SERVER_QUEUE_DELAY_US, access_token=ACCESS_TOKEN,
+                               extra_args=("--providers", "cpu")) as addresses:
+        yield addresses
 
 
 @pytest.fixture(scope="module")
@@ -373,12 +379,32 @@ def test_local_engine_options_are_refused_for_a_triton_engine(tracklets, tmp_pat
         in capsys.readouterr().err
 
 
-def test_triton_engine_and_server_modules_import_without_torch():
+def test_triton_engine_and_server_modules_import_without_torch(server_environment):
     script = textwrap.dedent("""
         import sys
         sys.modules["torch"] = None          # any import of torch now fails
-        import keyreid.runtime.backends.triton, keyreid.runtime.serve_triton, pytriton.triton
+        import keyreid.runtime.backends.triton, keyreid.runtime.serve_triton
+        {server_only}
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    python, keyreid_path = server_environment
+    client = subprocess.run([sys.executable, "-c", script.format(server_only="")],
+                            capture_output=True, text=True, timeout=120)
+    assert client.returncode == 0 and client.stdout.strip() == "ok", client.stderr
+    server_env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+    server_env["PYTHONPATH"] = str(keyreid_path)
+    # Run from the copy's folder: from the checkout, its keyreid/ folder (no runtime/ inside) would
+    # shadow the installed package.
+    server = subprocess.run([str(python), "-c", script.format(server_only="import pytriton.triton")],
+                            capture_output=True, text=True, timeout=120, env=server_env, cwd=keyreid_path)
+    assert server.returncode == 0 and server.stdout.strip() == "ok", server.stderr
+
+
+def test_the_client_side_runs_numpy_2_and_the_server_its_own_environment(server_environment):
+    """PyTriton's numpy < 2 pin stays in the server's environment; the tests run on numpy 2."""
+    assert int(np.__version__.split(".")[0]) >= 2
+    python, _ = server_environment
+    probe = subprocess.run([str(python), "-c", "import numpy, pytriton, sys; print(sys.prefix)"],
+                           capture_output=True, text=True, timeout=120, cwd=python.parent)
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()) == python.parent.parent != Path(sys.prefix)
