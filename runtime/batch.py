@@ -22,12 +22,11 @@ from keyreid.cli import Steps, non_negative_float, non_negative_int, positive_fl
 from keyreid.contract import MEAN_CAMERA
 from keyreid.errors import KeyreidError
 from keyreid.lazy import require
-from keyreid.runtime.backends.formats import model_kind
 from keyreid.runtime.results.batch_output import (EMBEDDING_COLUMN, LABEL_COLUMNS, PART_PREFIX, PART_SUFFIX, BatchOutput,
                                           engine_identity)
 from keyreid.runtime.cli_args import ENGINE_HELP, add_engine_arguments, add_frame_limit_argument, \
     check_engine_arguments, engine_location, engine_options
-from keyreid.runtime.backends import open_engine
+from keyreid.runtime.backends import backend_named, open_engine
 from keyreid.runtime.serving.pipeline import describe_failure
 from keyreid.runtime.inputs.poses import PoseTally
 from keyreid.runtime.serving.ray_pipeline import PipelineOptions, add_pose_counts, embedding_dataset, work_rows
@@ -133,9 +132,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     check_engine_arguments(parser, args, [args.engine])
 
 
-def default_gpus(args: argparse.Namespace) -> float:
-    """A GPU per actor where the backend needs or is told to use one."""
-    if model_kind(args.engine) == "tensorrt":
+def default_gpus(args: argparse.Namespace, options: Dict[str, object]) -> float:
+    """A GPU per actor where the backend needs one (its declaration says so) or is told to use
+    one (ONNX Runtime's GPU providers)."""
+    if "backend" in options and backend_named(str(options["backend"])).needs_gpu:
         return 1.0
     providers = args.providers or []
     return 1.0 if any(name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for name in providers) else 0.0
@@ -298,7 +298,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     options = engine_options(args, args.engine)
-    open_engine(args.engine, **options)         # checks the file and the options; loads nothing
+    engine = open_engine(args.engine, **options)        # checks the file and the options
+    if not default_gpus(args, options):
+        # Load it once here, where a bad file is one clear error, before Ray starts any actor
+        # (an actor's failure to load would come back wrapped in Ray's own errors). A GPU engine
+        # is left to the actors: the driver of a cluster may have no GPU.
+        with engine:
+            pass
     ray = require("ray")                        # before anything is made: says which extra is missing
 
     steps = Steps(total=3, quiet=args.quiet)
@@ -322,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pipeline = PipelineOptions(
                 engine=args.engine, engine_options=options, actors=args.actors,
                 cpus_per_actor=args.cpus_per_actor,
-                gpus_per_actor=default_gpus(args) if args.gpus_per_actor is None else args.gpus_per_actor,
+                gpus_per_actor=default_gpus(args, options) if args.gpus_per_actor is None else args.gpus_per_actor,
                 decode_cpus=args.decode_cpus, tracklets_per_batch=args.tracklets_per_batch,
                 max_batch_size=args.max_batch, max_frame_side=args.max_frame_side, max_restarts=args.max_restarts)
             steps(f"embedding {len(todo)} tracklets ({sum(int(row['clips']) for row in todo)} clips; "

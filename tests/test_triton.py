@@ -267,10 +267,14 @@ def test_infer_against_a_server_without_a_camera_count_names_the_flag_to_add(ser
 SERVER_LOG_LINE = re.compile(r"^[IWE]\d{4} ", re.M)     # glog: severity, month and day, ...
 
 
-def test_serve_tool_prints_a_status_not_the_server_log(reduced_onnx):
-    serving = subprocess.Popen([sys.executable, str(REPO / "runtime" / "serve_triton.py"), "--engine", reduced_onnx,
+def test_serve_tool_prints_a_status_not_the_server_log(server_environment, reduced_onnx):
+    python, keyreid_path = server_environment        # the tool as a user runs it where PyTriton is
+    environment = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+    environment["PYTHONPATH"] = str(keyreid_path)
+    serving = subprocess.Popen([str(python), "-m", "keyreid.runtime.serve_triton", "--engine", str(reduced_onnx),
                                 "--grpc-port", str(free_port()), "--http-port", str(free_port())],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               cwd=keyreid_path)
     try:
         status = [serving.stderr.readline() for _ in range(2)]
     finally:

@@ -10,7 +10,8 @@
 from keyreid.runtime.backends.base import Engine
 from keyreid.runtime.backends.declaration import Backend, EngineOption
 from keyreid.runtime.backends.formats import model_kind
-from keyreid.runtime.backends.registry import AUTO, BACKENDS, backend_names, choose_backend, open_engine
+from keyreid.runtime.backends.registry import (AUTO, BACKENDS, backend_named, backend_names, choose_backend,
+                                               open_engine)
 
-__all__ = ["Engine", "Backend", "EngineOption", "model_kind", "AUTO", "BACKENDS", "backend_names",
+__all__ = ["Engine", "Backend", "EngineOption", "model_kind", "AUTO", "BACKENDS", "backend_named", "backend_names",
            "choose_backend", "open_engine"]

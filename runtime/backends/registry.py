@@ -28,6 +28,13 @@ BACKENDS: Tuple[Backend, ...] = tuple(
 _BY_NAME: Dict[str, Backend] = {backend.name: backend for backend in BACKENDS}
 
 
+def backend_named(name: str) -> Backend:
+    """The registered backend called ``name`` (KeyreidError naming the choices otherwise)."""
+    if name not in _BY_NAME:
+        raise KeyreidError(f"unknown backend {name!r}; choose one of {', '.join(backend_names())}")
+    return _BY_NAME[name]
+
+
 def backend_names() -> Tuple[str, ...]:
     """Every backend's name, in table order (``"auto"`` is not one: it chooses among them)."""
     return tuple(_BY_NAME)
