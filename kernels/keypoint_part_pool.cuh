@@ -1,4 +1,4 @@
-// KeypointPartPool arithmetic (SPEC section 3) as __host__ __device__ functions.
+// KeypointPartPool arithmetic (docs/contract.md §3) as __host__ __device__ functions.
 //
 // The same source serves the CUDA kernel (keypoint_part_pool.cu, also built by NVRTC) and a
 // host build (keypoint_part_pool_host.cpp, built with g++ in CI), so CI checks the kernel's
