@@ -30,7 +30,7 @@ from keyreid.runtime.backends import backend_named, open_engine
 from keyreid.runtime.serving.pipeline import describe_failure
 from keyreid.runtime.inputs.poses import PoseTally
 from keyreid.runtime.serving.ray_pipeline import PipelineOptions, add_pose_counts, embedding_dataset, work_rows
-from keyreid.runtime.inputs.tracklets import TrackletFailure, discover_tracklets
+from keyreid.runtime.inputs.tracklets import TrackletFailure, discover_tracklets, failure_lines
 
 DESCRIPTION = """\
 Embed tracklets with a KeyRe-ID engine on Ray Data, on this machine (a local Ray instance) or
@@ -67,7 +67,6 @@ exit status:
   2    wrong command-line usage
   130  interrupted (Ctrl-C), 143 terminated (SIGTERM): finished rows are written first"""
 
-MAX_LISTED_FAILURES = 5
 DEFAULT_ROWS_PER_PART = 1000        # ViT-B: 77 MB of embeddings per part
 DEFAULT_PART_SECONDS = 60.0         # a slow run still saves its progress every minute
 RAY_LOGGERS = ("ray", "ray.data")
@@ -285,10 +284,8 @@ def print_summary(failures: List[TrackletFailure], done: int, skipped: int, clip
     rate = clips / seconds if seconds > 0 else 0.0
     print(f"tracklets: {done} written, {len(failures)} failed, {skipped} already in the output "
           f"({clips} clips in {seconds:.1f} s, {rate:.1f} clips/s)")
-    for failure in failures[:MAX_LISTED_FAILURES]:
-        print(f"  failed {failure.name}: {failure.reason}")
-    if len(failures) > MAX_LISTED_FAILURES:
-        print(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
+    for line in failure_lines(failures):
+        print(line)
     if tally.total:
         print(tally.summary())
 

@@ -28,7 +28,7 @@ from keyreid.runtime.inputs.poses import PoseTally
 from keyreid.files import check_distinct_outputs, check_not_among, check_writable, write_bytes, write_json, write_npz
 from keyreid.runtime.serving.runner import Runner
 from keyreid.runtime.inputs.tracklets import (DEFAULT_CAMERA, MANIFEST_NAME, Tracklet, TrackletFailure, TrackletScan,
-                                              discover_tracklets)
+                                              discover_tracklets, failure_lines)
 
 DESCRIPTION = """\
 Run a KeyRe-ID engine (.onnx on ONNX Runtime or OpenVINO, .plan/.engine/.trt on TensorRT, or a
@@ -89,7 +89,6 @@ exit status:
   130  interrupted (Ctrl-C), 143 terminated (SIGTERM): queued clips are cancelled, nothing is
        written"""
 
-MAX_LISTED_FAILURES = 5
 MAX_LISTED_WITHOUT_POSE = 10
 
 
@@ -235,10 +234,8 @@ def check_cameras(given_camera: Optional[int], tracklets: Sequence[Tracklet], nu
 def print_summary(run: TrackletRun, failures: List[TrackletFailure], sets: Sets) -> None:
     print(f"tracklets: {len(run.indices)} done, {len(failures)} failed "
           f"({run.num_clips} clips in {run.seconds:.1f} s, {run.clips_per_second:.1f} clips/s)")
-    for failure in failures[:MAX_LISTED_FAILURES]:
-        print(f"  failed {failure.name}: {failure.reason}")
-    if len(failures) > MAX_LISTED_FAILURES:
-        print(f"  ... and {len(failures) - MAX_LISTED_FAILURES} more")
+    for line in failure_lines(failures):
+        print(line)
     print(run.pose_tally.summary())
     for line in sets.ignored:
         print(line)

@@ -16,7 +16,6 @@ import pytest
 from keyreid.cli import run_main
 from keyreid.runtime import gallery as gallery_module, infer, stream
 from keyreid.runtime.inputs.crops import crop_window, cut_person
-from keyreid.runtime.inputs.track_formats import open_tracks
 
 from stream_helpers import (FRAME_SIZE, cut_by_hand, decoded_frames, leftover_partials,
                             relative_error, stream_outputs, write_mot, write_scene_video, write_ultralytics_json,
@@ -262,24 +261,29 @@ def test_bad_usage_and_outputs_that_are_inputs_are_refused_before_anything_runs(
     assert "camera 9" in capsys.readouterr().err
 
 
-def test_a_lagging_engine_on_a_realtime_stream_drops_frames_and_says_which_stride_keeps_up(
-        scene, reduced_onnx, tmp_path):
-    data = scene[0]
-    script = textwrap.dedent(f"""
+def slow_engine_stream(delay_s: float, *argv) -> str:
+    """A script running stream.py with ``argv`` in a process of its own, every engine call slowed by
+    ``delay_s`` (the fault injected: an engine that lags behind a live stream)."""
+    return textwrap.dedent(f"""
         import sys, time
         from keyreid.cli import run_main
         from keyreid.runtime.backends import onnxruntime as engine_ort
         from keyreid.runtime import stream
         original = engine_ort.OrtEngine.infer_impl
         def slow(self, feed):
-            time.sleep(0.25)
+            time.sleep({delay_s!r})
             return original(self, feed)
         engine_ort.OrtEngine.infer_impl = slow
-        sys.exit(run_main(stream.main, ["--engine", {str(reduced_onnx)!r}, "--stream", {str(data["video"])!r},
-                                        {str(data["tracks"])!r}, "--realtime", "--queue-frames", "2",
-                                        "--max-tracks", "4", "--max-backlog", "8",
-                                        "--max-batch", "1", "--progress-seconds", "0.5", "-o", {str(tmp_path / "o")!r}]))
+        sys.exit(run_main(stream.main, {[str(arg) for arg in argv]!r}))
     """)
+
+
+def test_a_lagging_engine_on_a_realtime_stream_drops_frames_and_says_which_stride_keeps_up(
+        scene, reduced_onnx, tmp_path):
+    data = scene[0]
+    script = slow_engine_stream(0.25, "--engine", reduced_onnx, "--stream", data["video"], data["tracks"],
+                                "--realtime", "--queue-frames", "2", "--max-tracks", "4", "--max-backlog", "8",
+                                "--max-batch", "1", "--progress-seconds", "0.5", "-o", tmp_path / "o")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "warning: the engine could not keep up" in result.stderr
@@ -292,20 +296,8 @@ def test_a_lagging_engine_on_a_realtime_stream_drops_frames_and_says_which_strid
 def test_sigterm_mid_stream_writes_every_track_seen_so_far_whole(scene, reduced_onnx, tmp_path):
     data = scene[0]
     out = tmp_path / "out"
-    script = textwrap.dedent(f"""
-        import sys, time
-        from keyreid.cli import run_main
-        from keyreid.runtime.backends import onnxruntime as engine_ort
-        from keyreid.runtime import stream
-        original = engine_ort.OrtEngine.infer_impl
-        def slow(self, feed):
-            time.sleep(0.1)
-            return original(self, feed)
-        engine_ort.OrtEngine.infer_impl = slow
-        sys.exit(run_main(stream.main, ["--engine", {str(reduced_onnx)!r}, "--stream", {str(data["video"])!r},
-                                        {str(data["tracks"])!r}, "--realtime", "--track-timeout", "0.2",
-                                        "-o", {str(out)!r}]))
-    """)
+    script = slow_engine_stream(0.1, "--engine", reduced_onnx, "--stream", data["video"], data["tracks"],
+                                "--realtime", "--track-timeout", "0.2", "-o", out)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, preexec_fn=default_signal_handling)
     deadline = time.monotonic() + 60

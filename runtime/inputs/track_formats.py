@@ -193,8 +193,9 @@ def _is_stream(path: PathLike) -> bool:
     return not path.is_file()      # a FIFO, a character device (standard input)
 
 
-class JsonLinesReader(TrackReader):
-    """keyreid's JSON Lines, read line by line as they arrive."""
+class _OneFileReader(TrackReader):
+    """A format read from one file, opened at once (a missing file is an error before any
+    stream starts), which may be a FIFO or standard input that a tracker is still writing."""
 
     def __init__(self, path: PathLike):
         super().__init__(str(path))
@@ -205,6 +206,10 @@ class JsonLinesReader(TrackReader):
     @property
     def streams(self) -> bool:
         return self._streams
+
+
+class JsonLinesReader(_OneFileReader):
+    """keyreid's JSON Lines, read line by line as they arrive."""
 
     def frames(self) -> Iterator[FrameTracks]:
         with self._handle as handle:
@@ -271,17 +276,8 @@ def parse_jsonl_record(line: Union[str, bytes]) -> FrameTracks:
     return FrameTracks(frame, time, tuple(parsed))
 
 
-class UltralyticsJsonReader(TrackReader):
+class UltralyticsJsonReader(_OneFileReader):
     """Ultralytics ``to_json()`` values, one per frame, one after another (indented or not)."""
-
-    def __init__(self, path: PathLike):
-        super().__init__(str(path))
-        self._handle = _open_binary(path)
-        self._streams = _is_stream(path)
-
-    @property
-    def streams(self) -> bool:
-        return self._streams
 
     def frames(self) -> Iterator[FrameTracks]:
         with self._handle as handle:

@@ -72,6 +72,18 @@ class TrackletFailure:
     reason: str
 
 
+# Failures a command lists by name; the rest are counted (a MARS run can fail thousands).
+MAX_LISTED_FAILURES = 5
+
+
+def failure_lines(failures: Sequence[TrackletFailure], limit: int = MAX_LISTED_FAILURES) -> List[str]:
+    """The summary lines of failed tracklets: the first ``limit`` by name and reason, then a count."""
+    lines = [f"  failed {failure.name}: {failure.reason}" for failure in failures[:limit]]
+    if len(failures) > limit:
+        lines.append(f"  ... and {len(failures) - limit} more")
+    return lines
+
+
 @dataclass
 class TrackletScan:
     root: Path
